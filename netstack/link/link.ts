@@ -16,6 +16,12 @@ export interface Link {
   attach(rx: LinkReceiver): void;
   /** Send one frame to the device. Never throws for a full device: it drops and counts instead. */
   send(frame: Uint8Array): void;
+  /**
+   * Optional: the caller finished a burst of `send`s (e.g. the switch forwarded every frame of
+   * one received batch). A link that queues frames may write them now instead of waiting for
+   * its own end-of-tick flush. Links must still flush on their own when this is never called.
+   */
+  flush?(): void;
   /** Stop moving frames and release the device. Idempotent. */
   close(): void;
   readonly stats: LinkStats;

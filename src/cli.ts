@@ -1,0 +1,96 @@
+#!/usr/bin/env node
+/**
+ * The `tender` command line. Errors print one line, `tender: CODE: message`, and exit with
+ * the code's exit status (src/errors.ts, docs/errors.md).
+ */
+import { realpathSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { Command, CommanderError, Option } from 'commander';
+import { serveNetns } from './commands/netns.js';
+import { runDemo } from './commands/demo.js';
+import { TenderError } from './errors.js';
+import { createLogger } from './log.js';
+
+const collect = (v: string, prev: string[]) => [...prev, v];
+
+export function buildProgram(): Command {
+  const program = new Command()
+    .name('tender')
+    .description('A companion service for micro-VMs: userspace networking, port forwarding, USB passthrough')
+    .version('0.1.0')
+    .exitOverride()
+    .configureOutput({ outputError: (s, write) => write(s) });
+
+  program
+    .command('netns')
+    .description('serve a network namespace on the userspace network (DHCP, DNS, NAT) until interrupted')
+    .argument('<target>', 'a namespace name (under /var/run/netns), a path to a namespace file, or a PID')
+    .option('--ifname <name>', 'interface to create inside the namespace', 'eth0')
+    .option('--mtu <n>', 'MTU, 576 to 65520', '1500')
+    .option('--mac <addr>', 'MAC address of the interface (default: random, locally administered)')
+    .option('--subnet <cidr>', 'subnet of the virtual network', '192.168.127.0/24')
+    .option('--configure', 'assign .2, the default route and resolv.conf inside the namespace instead of waiting for DHCP')
+    .option('--dns-upstream <addr[:port]>', 'upstream DNS server (repeatable; default: /etc/resolv.conf)', collect, [])
+    .option('--pcap <file>', "write the namespace's traffic to a pcap file")
+    .option('--no-host-loopback', "do not let the host alias (.254) reach the host's 127.0.0.1")
+    .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
+    .action(async (target: string, opts) => {
+      const log = createLogger(opts.logLevel);
+      const served = await serveNetns(target, opts, log);
+      await new Promise<void>((resolve) => {
+        const stop = (sig: string) => {
+          log.info({ signal: sig }, 'stopping');
+          resolve();
+        };
+        process.once('SIGINT', () => stop('SIGINT'));
+        process.once('SIGTERM', () => stop('SIGTERM'));
+      });
+      await served.stop();
+    });
+
+  program
+    .command('demo')
+    .description('create a namespace, serve it, and show DHCP, DNS, ping and UDP NAT working')
+    .option('--keep', 'leave the namespace and stack running until interrupted')
+    .action(async (opts) => {
+      await runDemo({ keep: !!opts.keep });
+    });
+
+  return program;
+}
+
+export async function main(argv = process.argv): Promise<number> {
+  try {
+    await buildProgram().parseAsync(argv);
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help') return 0;
+      // commander already printed its message.
+      return 2;
+    }
+    if (err instanceof TenderError) {
+      process.stderr.write(`tender: ${err.code}: ${err.message}\n`);
+      return err.exitCode;
+    }
+    process.stderr.write(`tender: INTERNAL: ${(err as Error)?.stack ?? String(err)}\n`);
+    return 1;
+  }
+}
+
+function invokedDirectly(): boolean {
+  try {
+    return !!process.argv[1] && realpathSync(process.argv[1]) === fileURLToPath(import.meta.url);
+  } catch {
+    return false;
+  }
+}
+
+const isMain = invokedDirectly();
+if (isMain) {
+  main().then((code) => {
+    process.exitCode = code;
+    // Handles (sockets, timers) are closed by the commands; exit promptly regardless.
+    setImmediate(() => process.exit(code));
+  });
+}
