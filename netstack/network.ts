@@ -13,9 +13,10 @@ import { Switch, type SwitchPort } from './link/switch.js';
 import { DhcpServer } from './services/dhcp.js';
 import { DnsService, readResolvConf } from './services/dns.js';
 import { UdpNat } from './services/udp-nat.js';
+import { Forwards } from './services/forwards.js';
 import { type Clock, SystemClock } from './time.js';
 import { UdpLayer } from './udp/udp-layer.js';
-import { DHCP_CLIENT_PORT, DHCP_SERVER_PORT, dhcpEmittedLength, emitDhcp, parseDhcp } from './wire/dhcpv4.js';
+import { DHCP_SERVER_PORT, dhcpEmittedLength, emitDhcp } from './wire/dhcpv4.js';
 
 /** The subset of a pino logger the stack uses. */
 export interface NetLogger {
@@ -45,7 +46,10 @@ export class Network {
   readonly udpNat: UdpNat;
   readonly dhcp: DhcpServer;
   readonly dns: DnsService;
+  readonly forwards: Forwards;
   private readonly log: NetLogger;
+  private readonly ports: SwitchPort[] = [];
+  private defaultGuestIp: Ip4 | null;
   private closed = false;
 
   constructor(opts: NetworkOptions = {}) {
@@ -96,18 +100,13 @@ export class Network {
     );
     const dhcpOut = new Uint8Array(1500);
     this.udp.bind(0, DHCP_SERVER_PORT, (d) => {
-      const req = parseDhcp(d.payload);
-      if (typeof req === 'string') {
-        counters.inc(`dhcp.drop.${req}`);
-        return;
-      }
-      const reply = this.dhcp.handle(req, { srcIp: d.srcIp, srcMac: d.srcMac });
+      const reply = this.dhcp.handlePacket(d.payload, { srcIp: d.srcIp, srcMac: d.srcMac });
       if (reply === null) return;
       const n = dhcpEmittedLength(reply.repr);
       const buf = n <= dhcpOut.length ? dhcpOut : new Uint8Array(n);
       const len = emitDhcp(reply.repr, buf, 0);
-      const port = reply.dstPort ?? DHCP_CLIENT_PORT;
-      this.udp.send(cfg.gatewayIp, DHCP_SERVER_PORT, reply.dstIp, port, buf.subarray(0, len), { dstMac: reply.dstMac });
+      // No ARP for the destination: the client has no address yet (RFC 2131 §4.1).
+      this.udp.send(cfg.gatewayIp, DHCP_SERVER_PORT, reply.dstIp, reply.dstPort, buf.subarray(0, len), { dstMac: reply.dstMac });
     });
 
     // DNS on the gateway's addresses.
@@ -119,10 +118,14 @@ export class Network {
       counters,
       hostLookup: opts.hostLookup,
       gateway: ip4str(cfg.gatewayIp),
-      host: cfg.hostAlias !== null ? ip4str(cfg.hostAlias) : undefined,
+      // Without host loopback the alias leads nowhere useful, so host.* names are forwarded.
+      host: cfg.hostAlias !== null && cfg.hostLoopback ? ip4str(cfg.hostAlias) : undefined,
     });
+    // Leases publish `<hostname>.<zone>`, and withdraw it when they end.
     this.dhcp.onLease = (l) => {
-      if (l.hostname) this.dns.records.add(`${l.hostname}.${cfg.zone}`, l.ip);
+      if (!l.hostname) return;
+      if (l.event === 'bound') this.dns.addMachine(l.hostname, ip4str(l.ip));
+      else this.dns.removeMachine(l.hostname, ip4str(l.ip));
     };
     this.udp.bind(0, 53, (d) => {
       const q = d.payload.slice();
@@ -132,16 +135,52 @@ export class Network {
       });
     });
     this.log.debug({ upstreams }, 'dns upstreams');
+
+    this.defaultGuestIp = cfg.poolStart;
+    this.forwards = new Forwards({
+      clock,
+      counters,
+      udp: this.udp,
+      tcp: null,
+      subnet: cfg.subnet,
+      aliasIp: cfg.hostAlias ?? cfg.gatewayIp,
+    });
+  }
+
+  /** The guest a forward goes to when none is named (the namespace served by `tender netns`). */
+  defaultGuest(): string | null {
+    return this.defaultGuestIp === null ? null : ip4str(this.defaultGuestIp);
+  }
+
+  setDefaultGuest(ip: Ip4 | null): void {
+    this.defaultGuestIp = ip;
+  }
+
+  /** Everything the API's /v1/stats shows: every counter, per-link traffic, table sizes. */
+  stats(): Record<string, unknown> {
+    return {
+      counters: this.counters.snapshot(),
+      drops: this.counters.drops(),
+      links: this.ports.map((p) => ({ port: p.id, name: p.link.name, mtu: p.link.mtu, ...p.link.stats })),
+      gateway: { ...this.gateway.stats },
+      macTable: this.switch.macTable().length,
+      neighbors: this.gateway.neighbors.list().length,
+      leases: this.dhcp.leases().length,
+      udpNatFlows: this.udpNat.flowCount,
+      forwards: this.forwards.list().length,
+    };
   }
 
   /** Attach a link (a machine, a namespace) as a switch port. */
   addLink(link: Link): SwitchPort {
-    return this.switch.addPort(link);
+    const p = this.switch.addPort(link);
+    this.ports.push(p);
+    return p;
   }
 
   /** Publish a name in the zone (`<name>.<zone>` → ip). */
-  addHost(name: string, ip: Ip4): void {
-    this.dns.records.add(`${name}.${this.config.zone}`, ip4str(ip));
+  addHost(name: string, ip: Ip4): boolean {
+    return this.dns.addMachine(name, ip4str(ip));
   }
 
   summary(): Record<string, string> {
@@ -158,6 +197,7 @@ export class Network {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.forwards.close();
     this.udpNat.close();
     this.dns.close();
     this.switch.close();
