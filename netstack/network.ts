@@ -69,6 +69,7 @@ export class Network {
     this.gateway = new Gateway({ clock, counters, mac: cfg.gatewayMac, subnet: cfg.subnet, addresses, mtu: cfg.mtu });
     this.switch.addPort(this.gateway);
     this.udp = new UdpLayer(this.gateway, counters);
+    if (cfg.hostAlias !== null) this.udp.forwardedAddresses.add(cfg.hostAlias);
     this.udpNat = new UdpNat({
       clock,
       counters,

@@ -2,10 +2,10 @@
 # shellcheck shell=bash
 
 # Debian packages the demo needs.
-DEMO_DEBS=(iproute2 util-linux busybox dnsutils dnsmasq-base)
+DEMO_DEBS=(iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base)
 # Debian packages the test suite needs (real peers: the kernel in namespaces, busybox udhcpc,
 # dhclient, dig, dnsmasq, tshark, scapy, iperf3, socat, ncat, slirp4netns, pasta, QEMU).
-TEST_DEBS=(iproute2 util-linux busybox dnsutils dnsmasq-base isc-dhcp-client tshark tcpdump python3-scapy
+TEST_DEBS=(iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base isc-dhcp-client tshark tcpdump python3-scapy
   iperf3 socat ncat slirp4netns passt qemu-system-x86 xz-utils zstd cpio kmod ca-certificates)
 
 say() { printf '%s\n' "$*" >&2; }
@@ -51,6 +51,11 @@ ensure_debs() {
 }
 
 ensure_npm() {
+  # node-gyp needs Node's headers; Debian's nodejs ships them in /usr/include/node, which saves
+  # a download (and works where only the package registries are reachable).
+  if [ -z "${npm_config_nodedir:-}" ] && [ -f /usr/include/node/node_api.h ] && ! npm config get nodedir 2>/dev/null | grep -q /; then
+    export npm_config_nodedir=/usr
+  fi
   # A fresh clone (or a changed lock file) gets a clean install, which also builds the native
   # addon (node-gyp) and compiles the TypeScript (the prepare script).
   if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ] || [ ! -f build/Release/tender_native.node ] || [ ! -d dist ]; then

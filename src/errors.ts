@@ -11,6 +11,16 @@ export const ERRORS = {
   BAD_MAC: { status: 400, exit: 2, summary: 'The MAC address is not six hex octets, or is a group (multicast) address.' },
   BAD_IFNAME: { status: 400, exit: 2, summary: 'The interface name is empty, longer than 15 bytes, or has / or whitespace.' },
   BAD_UPSTREAM: { status: 400, exit: 2, summary: 'A --dns-upstream is not ADDR, ADDR:PORT or [IPv6]:PORT.' },
+  BAD_REQUEST: { status: 400, exit: 2, summary: 'The API request is malformed: bad JSON, a field of the wrong type, a missing field.' },
+  BAD_FORWARD_SPEC: { status: 400, exit: 2, summary: 'A port forward is not [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp] (see docs/netns.md).' },
+  BAD_DNS_RECORD: { status: 400, exit: 2, summary: 'A DNS record has an invalid name or address.' },
+  PAYLOAD_TOO_LARGE: { status: 413, exit: 2, summary: 'The API request body is larger than 64 KiB.' },
+  UNSUPPORTED_MEDIA_TYPE: { status: 415, exit: 2, summary: 'The API request body is not application/json.' },
+  NOT_FOUND: { status: 404, exit: 3, summary: 'No such API route.' },
+  FORWARD_NOT_FOUND: { status: 404, exit: 3, summary: 'No port forward matches the protocol, host address and port.' },
+  FORWARD_EXISTS: { status: 409, exit: 5, summary: 'A port forward on that protocol, host address and port already exists.' },
+  ADDRESS_IN_USE: { status: 409, exit: 5, summary: 'The host address and port of a forward are already bound by another program.' },
+  ADDRESS_NOT_AVAILABLE: { status: 400, exit: 2, summary: 'The host address of a forward is not an address of this host.' },
   NETNS_NOT_FOUND: { status: 404, exit: 3, summary: 'The network namespace (name, path or PID) does not exist.' },
   PERMISSION_DENIED: { status: 403, exit: 4, summary: 'The operation needs privileges tender does not have (usually root or CAP_NET_ADMIN + CAP_SYS_ADMIN).' },
   IFNAME_IN_USE: { status: 409, exit: 5, summary: 'An interface with that name already exists in the namespace.' },
@@ -40,7 +50,7 @@ export class TenderError extends Error {
 /** Map a system error from a native call or child process to a coded error. */
 export function fromSystemError(err: unknown, context: string, fallback: ErrorCode = 'TAP_FAILED'): TenderError {
   if (err instanceof TenderError) return err;
-  const e = err as NodeJS.ErrnoException;
+  const e = err as NodeJS.ErrnoException & { path?: string };
   const sys = e?.code ? ` (${e.syscall ? e.syscall + ': ' : ''}${e.code})` : '';
   const msg = `${context}: ${e?.message ?? String(err)}${sys}`;
   switch (e?.code) {
@@ -48,10 +58,16 @@ export function fromSystemError(err: unknown, context: string, fallback: ErrorCo
     case 'EACCES':
       return new TenderError('PERMISSION_DENIED', `${context}: permission denied${sys}; run as root`, { cause: err });
     case 'ENOENT':
+      // A missing /dev/net/tun is not a missing namespace.
+      if (e.path === '/dev/net/tun') return new TenderError('TAP_FAILED', `${context}: /dev/net/tun does not exist (load the tun module)`, { cause: err });
       return new TenderError(fallback === 'TAP_FAILED' ? 'NETNS_NOT_FOUND' : fallback, msg, { cause: err });
     case 'EBUSY':
     case 'EEXIST':
       return new TenderError('IFNAME_IN_USE', msg, { cause: err });
+    case 'EINVAL':
+      // TUNSETIFF refuses a name held by another kind of device with EINVAL.
+      if (e.syscall?.includes('TUNSETIFF')) return new TenderError('IFNAME_IN_USE', `${context}: the name is taken by another device${sys}`, { cause: err });
+      return new TenderError(fallback, msg, { cause: err });
     default:
       return new TenderError(fallback, msg, { cause: err });
   }

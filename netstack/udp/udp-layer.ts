@@ -34,6 +34,11 @@ export class UdpLayer implements TransportHandler {
   private readonly bound = new Map<number, UdpHandler>();
   /** Datagrams no bound endpoint takes. */
   forwarder: UdpHandler | null = null;
+  /**
+   * Gateway addresses whose unbound ports belong to the forwarder rather than to us (the host
+   * alias: its traffic is NATed to the host's loopback).
+   */
+  readonly forwardedAddresses = new Set<Ip4>();
 
   constructor(
     private readonly gw: Gateway,
@@ -72,7 +77,8 @@ export class UdpLayer implements TransportHandler {
     const d: UdpDatagram = { srcIp: src, srcPort: u.srcPort, dstIp: dst, dstPort: u.dstPort, payload: u.payload, srcMac, ip };
     c.inc('udp.rx');
     let h = this.bound.get(UdpLayer.key(dst, u.dstPort));
-    const local = this.gw.owns(dst) || dst === IP4_BROADCAST || dst === subnetBroadcastOf(this.gw);
+    const local =
+      (this.gw.owns(dst) && !this.forwardedAddresses.has(dst)) || dst === IP4_BROADCAST || dst === subnetBroadcastOf(this.gw);
     if (h === undefined && local) h = this.bound.get(UdpLayer.key(0, u.dstPort));
     if (h !== undefined) {
       h(d);

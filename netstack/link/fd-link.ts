@@ -1,0 +1,262 @@
+/**
+ * The part TapLink and DatagramLink share: a Link over a descriptor that carries one frame per
+ * read/datagram, driven by the native FrameIO (batched reads, batched writes).
+ *
+ * Receive: FrameIO makes one call per wake-up with up to `slots` frames in its pooled buffer;
+ * each goes to `rx.frame()` as a subarray (borrowed, per the Link rule), then `rx.batchEnd()`.
+ *
+ * Send: `send()` copies the frame into a send arena (the caller's buffer is only borrowed)
+ * and schedules one flush per event-loop turn, which writes every pending frame with one
+ * `writeBatch`. The flush runs from setImmediate rather than queueMicrotask: a microtask would
+ * run after *each* callback (each readable socket, each timer), while an immediate runs once
+ * after the whole poll phase, so frames produced by every descriptor that woke up together
+ * (the TAP batch and, later, many NAT sockets) leave in one batch. It costs no latency: while
+ * an immediate is pending libuv polls with a zero timeout, so the flush happens in the same
+ * loop iteration.
+ *
+ * When the device is full (EAGAIN/ENOBUFS) the unsent frames stay queued and the link waits
+ * for POLLOUT once (never retries in a loop: the ENOBUFS CPU spin seen with vfkit); past the
+ * queue bound new frames are dropped and counted. Counters: `<layer>.drop.<reason>`.
+ */
+import { Counters } from '../counters.js';
+import { type Link, type LinkReceiver, type LinkStats, MAX_L2_OVERHEAD, newLinkStats } from './link.js';
+import { FrameIO, type NativeError, isNativeError } from '../../native/index.js';
+
+/** An Ethernet header: anything shorter is not a frame. */
+export const MIN_FRAME = 14;
+
+export interface FdLinkOptions {
+  /** Frames read per wake-up at most (default 64). */
+  slots?: number;
+  /** Send queue bound in frames (default 512). */
+  txQueueFrames?: number;
+  /** Send queue bound in bytes (default min(txQueueFrames × max frame, 8 MiB)). */
+  txQueueBytes?: number;
+  counters?: Counters;
+}
+
+/** Errors after which the device is gone: stop and report down instead of dropping per frame. */
+const FATAL = new Set(['ECONNREFUSED', 'ECONNRESET', 'ENOTCONN', 'EPIPE', 'EBADF', 'EBADFD', 'ENODEV', 'ENXIO', 'EOF']);
+
+export abstract class FdFrameLink implements Link {
+  readonly stats: LinkStats = newLinkStats();
+  readonly counters: Counters;
+  /** Largest frame accepted either way: mtu + Ethernet header + one 802.1Q tag. */
+  readonly maxFrame: number;
+  protected readonly io: FrameIO;
+  protected closed = false;
+  private rx: LinkReceiver | null = null;
+  private readonly truncated: number;
+
+  private readonly arena: Uint8Array;
+  private readonly offs: Uint32Array;
+  private readonly lens: Uint32Array;
+  /** Pending frames are offs/lens[0..pending); their bytes lie in arena[dataStart, dataEnd). */
+  private pending = 0;
+  private dataStart = 0;
+  private dataEnd = 0;
+  private flushScheduled = false;
+  private waitingWritable = false;
+  private readonly flushNow = (): void => {
+    this.flushScheduled = false;
+    this.flush();
+  };
+  private readonly onWritable = (): void => {
+    this.waitingWritable = false;
+    this.flush();
+  };
+
+  protected constructor(
+    readonly name: string,
+    readonly mtu: number,
+    /** Counter prefix: `tap`, `dgram`. */
+    protected readonly layer: string,
+    fd: number,
+    socket: boolean,
+    learnPeer: boolean,
+    o: FdLinkOptions,
+  ) {
+    this.counters = o.counters ?? new Counters();
+    this.maxFrame = mtu + MAX_L2_OVERHEAD;
+    const frames = o.txQueueFrames ?? 512;
+    const bytes = o.txQueueBytes ?? Math.min(frames * this.maxFrame, 8 << 20);
+    this.arena = new Uint8Array(Math.max(bytes, this.maxFrame));
+    this.offs = new Uint32Array(frames);
+    this.lens = new Uint32Array(frames);
+    // One byte more than the largest frame, so a longer frame shows as oversize, not as a
+    // silently truncated one; rounded to 8 to keep slots aligned.
+    const slotSize = (this.maxFrame + 1 + 7) & ~7;
+    this.io = new FrameIO({
+      fd,
+      socket,
+      slots: o.slots ?? 64,
+      slotSize,
+      learnPeer,
+      onFrames: (buf, count, lengths) => this.onFrames(buf, count, lengths, slotSize),
+      onError: (err) => this.onReadError(err),
+      onPeer: (path) => this.onPeer(path),
+    });
+    this.truncated = FrameIO.TRUNCATED;
+    // Nothing is read before a receiver is attached (frames would have nowhere to go).
+    this.io.pause();
+  }
+
+  attach(rx: LinkReceiver): void {
+    this.rx = rx;
+    if (!this.closed) this.io.resume();
+  }
+
+  /** Subclass hook for datagrams that are not frames (vfkit's hello). true: consumed. */
+  protected swallow(_buf: Uint8Array, _off: number, _len: number): boolean {
+    return false;
+  }
+
+  /** Subclass hook: learnPeer connected us to a sender. */
+  protected onPeer(_path: string): void {}
+
+  /** Subclass hook: false while there is nobody to send to (counted as no_peer). */
+  protected canSend(): boolean {
+    return true;
+  }
+
+  private dropRx(reason: string): void {
+    this.stats.rxDrops++;
+    this.counters.inc(`${this.layer}.drop.${reason}`);
+  }
+
+  private dropTx(reason: string, n = 1): void {
+    this.stats.txDrops += n;
+    this.counters.inc(`${this.layer}.drop.${reason}`, n);
+  }
+
+  private onFrames(buf: Uint8Array, count: number, lengths: Uint32Array, slotSize: number): void {
+    const rx = this.rx;
+    for (let i = 0; i < count && !this.closed; i++) {
+      const len = lengths[i];
+      const off = i * slotSize;
+      if (len === this.truncated || len > this.maxFrame) {
+        this.dropRx('oversize');
+        continue;
+      }
+      if (this.swallow(buf, off, len)) continue;
+      if (len < MIN_FRAME) {
+        this.dropRx('short');
+        continue;
+      }
+      this.stats.rxFrames++;
+      this.stats.rxBytes += len;
+      rx?.frame(buf.subarray(off, off + len));
+    }
+    rx?.batchEnd?.();
+  }
+
+  private onReadError(err: NativeError): void {
+    this.counters.inc(`${this.layer}.rx_error.${err.code.toLowerCase()}`);
+    this.down(`${this.name}: ${err.message}`);
+  }
+
+  send(frame: Uint8Array): void {
+    const len = frame.length;
+    if (this.closed) return this.dropTx('closed');
+    if (!this.canSend()) return this.dropTx('no_peer');
+    if (len > this.maxFrame) return this.dropTx('oversize');
+    if (len < MIN_FRAME) return this.dropTx('short');
+    if (this.pending === this.offs.length) return this.dropTx('queue_full');
+    if (this.dataEnd + len > this.arena.length) {
+      this.compact();
+      if (this.dataEnd + len > this.arena.length) return this.dropTx('queue_full');
+    }
+    this.arena.set(frame, this.dataEnd);
+    this.offs[this.pending] = this.dataEnd;
+    this.lens[this.pending] = len;
+    this.pending++;
+    this.dataEnd += len;
+    if (!this.flushScheduled && !this.waitingWritable) {
+      this.flushScheduled = true;
+      setImmediate(this.flushNow);
+    }
+  }
+
+  /** Move the pending bytes to the start of the arena (only when the tail is full). */
+  private compact(): void {
+    if (this.dataStart === 0) return;
+    const shift = this.dataStart;
+    this.arena.copyWithin(0, shift, this.dataEnd);
+    for (let i = 0; i < this.pending; i++) this.offs[i] -= shift;
+    this.dataStart = 0;
+    this.dataEnd -= shift;
+  }
+
+  /** Forget the first k pending frames (sent or dropped). */
+  private consume(k: number): void {
+    if (k === 0) return;
+    for (let i = 0; i < k; i++) {
+      this.stats.txFrames++;
+      this.stats.txBytes += this.lens[i];
+    }
+    this.shift(k);
+  }
+
+  private shift(k: number): void {
+    if (k >= this.pending) {
+      this.pending = this.dataStart = this.dataEnd = 0;
+      return;
+    }
+    this.dataStart = this.offs[k];
+    this.offs.copyWithin(0, k, this.pending);
+    this.lens.copyWithin(0, k, this.pending);
+    this.pending -= k;
+  }
+
+  /** Write all pending frames; exposed for tests and for callers that want to push now. */
+  flush(): void {
+    while (!this.closed && !this.waitingWritable && this.pending > 0) {
+      let k: number;
+      try {
+        k = this.io.writeBatch(this.arena, this.offs, this.lens, this.pending);
+      } catch (e) {
+        const code = isNativeError(e) ? e.code : 'unknown';
+        if (FATAL.has(code)) {
+          // Everything queued was meant for the peer that is gone.
+          this.dropTx(`tx_${code.toLowerCase()}`, this.pending);
+          this.shift(this.pending);
+          this.down(`${this.name}: ${(e as Error).message}`);
+          return;
+        }
+        // One bad frame (EINVAL, EMSGSIZE) or a device that is down (EIO on a TAP whose
+        // interface is not up): drop the first frame, as the kernel would, and go on.
+        this.dropTx(`tx_${code.toLowerCase()}`);
+        this.shift(1);
+        continue;
+      }
+      const all = k === this.pending;
+      this.consume(k);
+      if (all) return;
+      this.waitingWritable = true;
+      this.io.onWritable(this.onWritable);
+    }
+  }
+
+  /** Frames queued and not yet written (for tests and stats). */
+  get queued(): number {
+    return this.pending;
+  }
+
+  protected down(reason: string): void {
+    if (this.closed) return;
+    this.closeIo();
+    this.rx?.down?.(reason);
+  }
+
+  private closeIo(): void {
+    this.closed = true;
+    if (this.pending) this.dropTx('closed', this.pending);
+    this.pending = this.dataStart = this.dataEnd = 0;
+    this.io.close();
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closeIo();
+  }
+}
