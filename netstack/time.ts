@@ -73,6 +73,28 @@ export class TimerHeap {
     return this.heap.length > 0 ? this.heap[0]!.heapKey : -1;
   }
 
+  /** The earliest real deadline: settles cancelled and moved entries at the top first. */
+  nextDeadline(): number {
+    const h = this.heap;
+    while (h.length > 0) {
+      const t = h[0]!;
+      if (t.deadline < 0) {
+        this.pop();
+        continue;
+      }
+      if (t.deadline > t.heapKey) {
+        this.pop();
+        t.heapKey = t.deadline;
+        t.heapIndex = h.length;
+        h.push(t);
+        this.up(t.heapIndex);
+        continue;
+      }
+      return t.deadline;
+    }
+    return -1;
+  }
+
   file(t: Timer): void {
     if (t.heapIndex >= 0) {
       if (t.deadline < t.heapKey) {
@@ -197,7 +219,7 @@ export class ManualClock implements Clock {
 
   /** Deadline of the next armed timer, or -1. */
   nextDeadline(): number {
-    return this.heap.earliest();
+    return this.heap.nextDeadline();
   }
 }
 
@@ -229,7 +251,8 @@ export class SystemClock implements Clock {
     if (this.handle && e >= this.handleAt) return;
     if (this.handle) clearTimeout(this.handle);
     this.handleAt = e;
-    const delay = Math.max(0, e - this.now());
+    // Node clamps delays above 2^31-1 ms to 1 ms: cap them (we simply wake early and re-arm).
+    const delay = Math.min(2 ** 31 - 1, Math.max(0, e - this.now()));
     this.handle = setTimeout(() => this.fire(), delay);
     this.handle.unref();
   }

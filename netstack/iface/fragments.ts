@@ -134,14 +134,29 @@ export class Reassembler {
     this.bytes += data.length;
     if (off === 0) d.header = p.header.slice();
 
-    if (d.total < 0 || d.header === null) return null;
+    if (d.header !== null && d.total >= 0 && d.header.length + d.total > IPV4_MAX_LEN) {
+      // The first fragment's options make the whole too long for a total-length field.
+      c.inc('ipv4.drop.frag_too_big');
+      this.discard(d);
+      return null;
+    }
+    if (d.total < 0 || d.header === null) {
+      c.inc('ipv4.frag_held');
+      return null;
+    }
     // Complete when the fragments tile [0, total) without gaps.
     let at = 0;
     for (const f of d.frags) {
-      if (f.off !== at) return null;
+      if (f.off !== at) {
+        c.inc('ipv4.frag_held');
+        return null;
+      }
       at += f.data.length;
     }
-    if (at !== d.total) return null;
+    if (at !== d.total) {
+      c.inc('ipv4.frag_held');
+      return null;
+    }
 
     const hl = d.header.length;
     const out = new Uint8Array(hl + d.total);

@@ -190,6 +190,10 @@ export class Gateway implements Link {
       return;
     }
     if (senderOk) this.neighbors.learn(r.spa, r.sha);
+    if (r.op === ArpOp.Reply) {
+      c.inc('arp.rx_reply');
+      return;
+    }
     if (r.op === ArpOp.Request) {
       c.inc('arp.tx_reply');
       // An ARP probe (spa 0.0.0.0, RFC 5227) is answered to the prober's MAC as well.
@@ -342,9 +346,12 @@ export class Gateway implements Link {
     const ident = this.nextIdent();
     const o = this.out;
     this.o.counters.inc('ipv4.tx_fragmented');
+    // Copy the datagram out of `scratch` first: emitting a fragment can re-enter the stack
+    // (a link that answers synchronously) and reuse `scratch`. Fragmenting is rare; one copy is fine.
+    const data = this.scratch.slice(HEADROOM, HEADROOM + len);
     for (let off = 0; off < len; off += chunk) {
       const n = Math.min(chunk, len - off);
-      o.set(this.scratch.subarray(HEADROOM + off, HEADROOM + off + n), HEADROOM);
+      o.set(data.subarray(off, off + n), HEADROOM);
       emitIpv4(
         { src, dst, protocol: proto, payloadLen: n, ttl: this.ttl, ident, moreFragments: off + n < len, fragOffset: off, tos },
         o,

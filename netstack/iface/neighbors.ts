@@ -91,10 +91,12 @@ export class NeighborCache {
         this.o.counters.inc('arp.drop.pending_full');
         return;
       }
-      const np: Pending = { frames: [], tries: 0, timer: this.o.clock.timer(() => this.retry(ip, np)) };
-      p = np;
-      this.pending.set(ip, p);
-      this.solicit(ip, p);
+      // Copy the frame before soliciting: the ARP request may be built in the very buffer the
+      // caller lent us (the gateway fragments into the buffer it also builds ARP in).
+      const np: Pending = { frames: [frame.slice()], tries: 0, timer: this.o.clock.timer(() => this.retry(ip, np)) };
+      this.pending.set(ip, np);
+      this.solicit(ip, np);
+      return;
     }
     if (p.frames.length >= (this.o.maxQueuedPerNeighbor ?? 64)) {
       this.o.counters.inc('arp.drop.queue_full');

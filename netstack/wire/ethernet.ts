@@ -74,11 +74,16 @@ export interface EthernetRepr {
   etherType: number;
   /** Present for an 802.1Q-tagged frame. */
   vlanTci?: number;
+  /** The tag's TPID when it is not 0x8100 (802.1ad QinQ uses 0x88a8). */
+  vlanTpid?: number;
 }
 
 export function parseEthernet(f: EthernetFrame): EthernetRepr {
   const r: EthernetRepr = { dst: f.dst.slice(), src: f.src.slice(), etherType: f.etherType };
-  if (f.tagged) r.vlanTci = f.vlanTci;
+  if (f.tagged) {
+    r.vlanTci = f.vlanTci;
+    if (f.outerType !== EtherType.VLAN) r.vlanTpid = f.outerType;
+  }
   return r;
 }
 
@@ -92,8 +97,9 @@ export function emitEthernet(r: EthernetRepr, buf: Uint8Array, off = 0): number 
   buf.set(r.src, off + 6);
   let o = off + 12;
   if (r.vlanTci !== undefined) {
-    buf[o] = 0x81;
-    buf[o + 1] = 0x00;
+    const tpid = r.vlanTpid ?? EtherType.VLAN;
+    buf[o] = tpid >> 8;
+    buf[o + 1] = tpid & 0xff;
     buf[o + 2] = r.vlanTci >> 8;
     buf[o + 3] = r.vlanTci & 0xff;
     o += 4;

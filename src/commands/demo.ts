@@ -130,7 +130,7 @@ export async function runDemo(opts: { keep: boolean }): Promise<void> {
       return `→ ${await exec([process.execPath, '-e', js])}`;
     });
     const c = served.network.counters;
-    out(`\ncounters: ${JSON.stringify({ dhcp: c.get('dhcp.ack'), 'udp_nat.flows': c.get('udp_nat.flows_opened'), 'icmp.echo': c.get('icmp.echo_reply'), drops: c.drops() })}`);
+    out(`\ncounters: ${JSON.stringify({ dhcp: c.get('dhcp.tx.ack'), 'udp_nat.flows': c.get('udp_nat.flows_opened'), 'icmp.echo': c.get('icmp.echo_reply'), drops: c.drops() })}`);
     if (!ok) process.exitCode = 1;
     if (opts.keep) {
       out(`\nleaving "${ns}" served; try: ip netns exec ${ns} sh   (Ctrl-C here to stop)`);

@@ -1,0 +1,79 @@
+/**
+ * Joins a connection of the userspace TCP engine to a host socket: bytes both ways with
+ * backpressure, half-close, resets. Both the NAT (guest → host) and port forwarding
+ * (host → guest) use this one function, so the mapping of host behaviour to guest behaviour
+ * lives in exactly one place:
+ *
+ * | host socket                    | guest connection                       |
+ * |--------------------------------|----------------------------------------|
+ * | data; write() full             | write(); the guest's window closes as our buffer fills |
+ * | 'end' (peer FIN)               | end(): FIN after the queued data        |
+ * | error / reset                  | destroy(): RST                          |
+ * | (guest data) write() → false   | pause(): our receive window closes      |
+ *
+ * and the reverse for guest events: 'data' → socket.write (pausing the engine when the host
+ * socket's buffer is full), 'end' (guest FIN) → socket.end(), 'error' (guest RST or timeout)
+ * → socket.resetAndDestroy() so the host peer sees a reset rather than a clean close.
+ *
+ * Memory per bridged connection is bounded by the engine's send/receive buffers plus the host
+ * socket's high-water mark: neither side ever queues without limit.
+ */
+import type net from 'node:net';
+import type { Counters } from '../counters.js';
+import type { TcpConnection } from '../tcp/connection.js';
+
+export interface BridgeStats {
+  toGuest: number;
+  toHost: number;
+}
+
+export function bridge(conn: TcpConnection, sock: net.Socket, counters: Counters, onClose?: (s: BridgeStats) => void): void {
+  const stats: BridgeStats = { toGuest: 0, toHost: 0 };
+  let sockClosed = false;
+  let connClosed = false;
+  const done = () => {
+    if (sockClosed && connClosed) onClose?.(stats);
+  };
+
+  // host → guest
+  sock.on('data', (chunk: Buffer) => {
+    stats.toGuest += chunk.length;
+    if (!conn.write(chunk)) sock.pause();
+  });
+  conn.on('drain', () => sock.resume());
+  sock.on('end', () => conn.end());
+  sock.on('error', (err: NodeJS.ErrnoException) => {
+    counters.inc(`tcp_bridge.host_error.${err.code ?? 'UNKNOWN'}`);
+  });
+  sock.on('close', (hadError) => {
+    sockClosed = true;
+    // An error on the host side (reset, timeout) resets the guest; a clean close already
+    // sent our FIN via 'end' and the engine finishes the close by itself.
+    if (hadError) conn.destroy();
+    else if (!sock.readableEnded) conn.destroy();
+    done();
+  });
+
+  // guest → host
+  conn.on('data', (data: Uint8Array) => {
+    stats.toHost += data.length;
+    if (!sock.write(data)) conn.pause();
+  });
+  sock.on('drain', () => conn.resume());
+  conn.on('end', () => {
+    if (!sock.destroyed) sock.end();
+  });
+  conn.on('error', (err) => {
+    counters.inc(`tcp_bridge.guest_error.${err.code}`);
+    if (!sock.destroyed) {
+      if (typeof sock.resetAndDestroy === 'function' && sock.readyState !== 'opening') sock.resetAndDestroy();
+      else sock.destroy();
+    }
+  });
+  conn.on('close', () => {
+    connClosed = true;
+    // The guest side is gone entirely (e.g. after both FINs): make sure the host side ends too.
+    if (!sock.destroyed && !sock.writableEnded) sock.end();
+    done();
+  });
+}
