@@ -14,6 +14,10 @@ import { DhcpServer } from './services/dhcp.js';
 import { DnsService, readResolvConf } from './services/dns.js';
 import { UdpNat } from './services/udp-nat.js';
 import { Forwards } from './services/forwards.js';
+import { serveDnsTcp } from './services/dns-tcp.js';
+import { TcpNat } from './services/tcp-nat.js';
+import { TcpStack } from './tcp/stack.js';
+import { IpProto } from './wire/ipv4.js';
 import { type Clock, SystemClock } from './time.js';
 import { UdpLayer } from './udp/udp-layer.js';
 import { DHCP_SERVER_PORT, dhcpEmittedLength, emitDhcp } from './wire/dhcpv4.js';
@@ -47,6 +51,8 @@ export class Network {
   readonly dhcp: DhcpServer;
   readonly dns: DnsService;
   readonly forwards: Forwards;
+  readonly tcp: TcpStack;
+  readonly tcpNat: TcpNat;
   private readonly log: NetLogger;
   private readonly ports: SwitchPort[] = [];
   private defaultGuestIp: Ip4 | null;
@@ -137,12 +143,28 @@ export class Network {
     });
     this.log.debug({ upstreams }, 'dns upstreams');
 
+    // TCP: the engine on the gateway, the NAT for guest connections, DNS over TCP on :53.
+    this.tcp = new TcpStack({ clock, counters, ip: this.gateway });
+    const tcp = this.tcp;
+    this.gateway.register(IpProto.TCP, {
+      input: (ip) => tcp.input(ip.src, ip.dst, ip.payload),
+      flush: () => tcp.flush(),
+    });
+    this.tcpNat = new TcpNat({
+      counters,
+      tcp,
+      gateway: this.gateway,
+      hostAlias: cfg.hostAlias,
+      hostLoopback: cfg.hostLoopback,
+      local: new Map([[53, (conn) => serveDnsTcp(conn, this.dns, counters)]]),
+    });
+
     this.defaultGuestIp = cfg.poolStart;
     this.forwards = new Forwards({
       clock,
       counters,
       udp: this.udp,
-      tcp: null,
+      tcp,
       subnet: cfg.subnet,
       aliasIp: cfg.hostAlias ?? cfg.gatewayIp,
     });
@@ -168,6 +190,8 @@ export class Network {
       neighbors: this.gateway.neighbors.list().length,
       leases: this.dhcp.leases().length,
       udpNatFlows: this.udpNat.flowCount,
+      tcp: this.tcp.stats(),
+      tcpNatActive: this.tcpNat.active,
       forwards: this.forwards.list().length,
     };
   }
