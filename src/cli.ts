@@ -33,10 +33,15 @@ export function buildProgram(): Command {
     .option('--dns-upstream <addr[:port]>', 'upstream DNS server (repeatable; default: /etc/resolv.conf)', collect, [])
     .option('--pcap <file>', "write the namespace's traffic to a pcap file")
     .option('--no-host-loopback', "do not let the host alias (.254) reach the host's 127.0.0.1")
+    .option('-p, --forward <spec>', 'forward a host port into the namespace: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp] (repeatable)', collect, [])
+    .option('--api-socket <path>', 'serve the network API (gvisor-tap-vsock compatible and /v1) on this unix socket')
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
     .action(async (target: string, opts) => {
       const log = createLogger(opts.logLevel);
       const served = await serveNetns(target, opts, log);
+      // Scripts learn the bound ports (host port 0 = a free port) from stdout.
+      for (const f of served.forwards) process.stdout.write(`forward ${f.spec} -> ${f.guestIp}:${f.guestPort}\n`);
+      process.stdout.write(`ready ${target}\n`);
       await new Promise<void>((resolve) => {
         const stop = (sig: string) => {
           log.info({ signal: sig }, 'stopping');

@@ -59,6 +59,16 @@ export async function createApi(o: ApiOptions): Promise<Api> {
   app.setNotFoundHandler((req, reply) => {
     reply.status(404).send({ code: 'NOT_FOUND', message: `no route ${req.method} ${req.url}` });
   });
+  // gvisor-tap-vsock's documented usage is `curl -X POST -d '{...}'`, which labels the body
+  // application/x-www-form-urlencoded: every body is JSON here, whatever its label says.
+  app.addContentTypeParser('*', { parseAs: 'string' }, (req, body, done) => {
+    try {
+      done(null, body === '' ? undefined : JSON.parse(body as string));
+    } catch (err) {
+      (err as { statusCode?: number }).statusCode = 400;
+      done(err as Error, undefined);
+    }
+  });
   app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
   return app;
 }

@@ -9,6 +9,10 @@ import type { Link } from '../../netstack/link/link.js';
 import { PcapWriter, capture } from '../../netstack/link/pcap.js';
 import { Network } from '../../netstack/network.js';
 import { parseUpstream } from '../../netstack/services/dns.js';
+import { ForwardSpecError, parseForwardSpec, type ForwardSpec } from '../../netstack/services/forward-spec.js';
+import { ForwardError, type Forward } from '../../netstack/services/forwards.js';
+import { createApi, listenUnix, type Api } from '../api/server.js';
+import { registerNetworkRoutes } from '../api/network-routes.js';
 import { TenderError, fromSystemError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { configureNetns, resolveNetns, unconfigureNetns } from '../netns.js';
@@ -22,12 +26,17 @@ export interface NetnsOptions {
   dnsUpstream: string[];
   pcap?: string;
   hostLoopback: boolean;
+  forward?: string[];
+  apiSocket?: string;
 }
 
 export interface ServedNetns {
   network: Network;
   link: Link;
   mac: Mac;
+  /** The forwards set up from --forward (with the ports actually bound). */
+  forwards: Forward[];
+  api: Api | null;
   /** The address --configure assigned (or the address DHCP will give this MAC first). */
   address: string;
   stop(): Promise<void>;
@@ -76,6 +85,15 @@ export async function serveNetns(target: string, o: NetnsOptions, log: Logger): 
     const msg = (err as Error).message;
     throw new TenderError(/subnet|prefix/.test(msg) ? 'BAD_SUBNET' : 'BAD_ARGUMENT', msg);
   }
+  const specs: ForwardSpec[] = [];
+  for (const f of o.forward ?? []) {
+    try {
+      specs.push(...parseForwardSpec(f));
+    } catch (err) {
+      if (err instanceof ForwardSpecError) throw new TenderError('BAD_FORWARD_SPEC', err.message);
+      throw err;
+    }
+  }
   const address = subnetHost(config.subnet, 2);
   // The namespace's own MAC always gets .2, whether it is configured directly or asks DHCP.
   config.staticLeases.push({ mac, ip: address });
@@ -103,6 +121,26 @@ export async function serveNetns(target: string, o: NetnsOptions, log: Logger): 
   const network = new Network({ config, log });
   network.addLink(link);
 
+  const forwards: Forward[] = [];
+  let api: Api | null = null;
+  const cleanup = async () => {
+    await api?.close();
+    network.close();
+    await pcap?.close();
+  };
+  try {
+    for (const s of specs) forwards.push(await network.forwards.add(s, address));
+    if (o.apiSocket) {
+      api = await createApi({ log, title: 'tender network API' });
+      registerNetworkRoutes(api, network);
+      await listenUnix(api, o.apiSocket);
+    }
+  } catch (err) {
+    await cleanup();
+    if (err instanceof ForwardError) throw new TenderError(err.code, err.message);
+    throw err;
+  }
+
   let resolvConf: string | null = null;
   if (o.configure) {
     try {
@@ -117,8 +155,7 @@ export async function serveNetns(target: string, o: NetnsOptions, log: Logger): 
       resolvConf = r.resolvConf;
       if (r.note) log.warn({}, r.note);
     } catch (err) {
-      network.close();
-      await pcap?.close();
+      await cleanup();
       throw err;
     }
   }
@@ -133,6 +170,8 @@ export async function serveNetns(target: string, o: NetnsOptions, log: Logger): 
       dnsUpstreams: upstreams.length ? upstreams.map((u) => `${u.host}:${u.port}`) : 'from /etc/resolv.conf',
       pcap: o.pcap ?? null,
       hostLoopback: o.hostLoopback,
+      forwards: forwards.map((f) => f.spec),
+      apiSocket: o.apiSocket ?? null,
     },
     'serving network namespace',
   );
@@ -142,13 +181,14 @@ export async function serveNetns(target: string, o: NetnsOptions, log: Logger): 
     network,
     link,
     mac,
+    forwards,
+    api,
     address: ip4str(address),
     async stop() {
       if (stopped) return;
       stopped = true;
-      network.close();
+      await cleanup();
       unconfigureNetns(resolvConf);
-      await pcap?.close();
     },
   };
 }
