@@ -109,7 +109,7 @@ export interface RawFdWatcher {
 }
 
 export interface NativeBinding {
-  createTap(o: { name: string; nsPath: string | null; mtu: number; mac: Uint8Array | null; up: boolean; vnetHdr: boolean }): TapDevice;
+  createTap(o: { name: string; nsPath: string | null; mtu: number; mac: Uint8Array | null; up: boolean; vnetHdr: boolean; offload: number }): TapDevice;
   unixDgramSocket(sndbuf: number, rcvbuf: number): number;
   unixBind(fd: number, path: string): boolean;
   /** true: connected; false: a stream connect in progress. */
@@ -176,9 +176,20 @@ export interface TapOptions {
   netns?: NetnsRef;
   /** Bring the interface up (default true). */
   up?: boolean;
-  /** IFF_VNET_HDR: reserved for checksum/TSO offloads (default false). */
+  /**
+   * IFF_VNET_HDR: every frame read or written is preceded by a 10-byte struct virtio_net_hdr
+   * (little-endian on the hosts we run on) carrying checksum and segmentation offload state.
+   */
   vnetHdr?: boolean;
+  /** With vnetHdr: TUN_F_* bits passed to TUNSETOFFLOAD (what the kernel may hand us). */
+  offload?: number;
 }
+
+/** TUNSETOFFLOAD bits (linux/if_tun.h). */
+export const TUN_F_CSUM = 0x01;
+export const TUN_F_TSO4 = 0x02;
+export const TUN_F_TSO6 = 0x04;
+export const TUN_F_TSO_ECN = 0x08;
 
 export interface TapDevice {
   /** Non-blocking, close-on-exec; the device disappears when it is closed. */
@@ -238,7 +249,7 @@ export function createTap(opts: TapOptions = {}): TapDevice {
   }
   const mac = opts.mac === undefined ? null : parseMac(opts.mac);
   const nsPath = opts.netns ? netnsPath(opts.netns) : null;
-  return binding().createTap({ name, nsPath, mtu, mac, up: opts.up ?? true, vnetHdr: opts.vnetHdr ?? false });
+  return binding().createTap({ name, nsPath, mtu, mac, up: opts.up ?? true, vnetHdr: opts.vnetHdr ?? false, offload: opts.offload ?? 0 });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ export class Network {
     this.tcp = new TcpStack({ clock, counters, ip: this.gateway });
     const tcp = this.tcp;
     this.gateway.register(IpProto.TCP, {
-      input: (ip) => tcp.input(ip.src, ip.dst, ip.payload),
+      input: (ip, _mac, csumOk) => tcp.input(ip.src, ip.dst, ip.payload, csumOk),
       flush: () => tcp.flush(),
     });
     this.tcpNat = new TcpNat({

@@ -36,6 +36,8 @@ struct TapArgs {
   unsigned char mac[6] = {0};
   bool up = true;
   bool vnetHdr = false;
+  // TUN_F_* bits for TUNSETOFFLOAD (only with vnetHdr): what the kernel may hand us.
+  unsigned int offload = 0;
 };
 
 struct TapResult {
@@ -70,6 +72,12 @@ void CreateTapOnThisThread(const TapArgs& a, TapResult* r) {
   strncpy(ifr.ifr_name, a.name.c_str(), IFNAMSIZ - 1);
   if (ioctl(fd, TUNSETIFF, &ifr) < 0) return fail("ioctl(TUNSETIFF)", fd, -1);
   std::string name(ifr.ifr_name);
+  if (a.vnetHdr) {
+    // The 10-byte struct virtio_net_hdr (no num_buffers): the layout the TS side expects.
+    int hdrSize = 10;
+    if (ioctl(fd, TUNSETVNETHDRSZ, &hdrSize) < 0) return fail("ioctl(TUNSETVNETHDRSZ)", fd, -1);
+    if (ioctl(fd, TUNSETOFFLOAD, (unsigned long)a.offload) < 0) return fail("ioctl(TUNSETOFFLOAD)", fd, -1);
+  }
 
   int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   if (s < 0) return fail("socket", fd, -1);
@@ -130,6 +138,8 @@ Napi::Value CreateTap(const Napi::CallbackInfo& info) {
   if (v.IsBoolean()) a.up = v.As<Napi::Boolean>().Value();
   v = o.Get("vnetHdr");
   if (v.IsBoolean()) a.vnetHdr = v.As<Napi::Boolean>().Value();
+  v = o.Get("offload");
+  if (v.IsNumber()) a.offload = v.As<Napi::Number>().Uint32Value();
 
   TapResult r;
   if (a.nsPath.empty()) {

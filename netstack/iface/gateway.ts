@@ -15,8 +15,9 @@
  */
 import { type Ip4, type Mac, type Subnet, BROADCAST_MAC, IP4_BROADCAST, inSubnet, isMulticast4, macEq, subnetBroadcast } from '../addr.js';
 import type { Counters } from '../counters.js';
-import type { Link, LinkReceiver, LinkStats } from '../link/link.js';
-import { newLinkStats } from '../link/link.js';
+import type { FrameMeta, Link, LinkOffloads, LinkReceiver, LinkStats } from '../link/link.js';
+import { CSUM_PARTIAL, CSUM_VALID, GSO_NONE, GSO_TCPV4, newFrameMeta, newLinkStats } from '../link/link.js';
+import { softwareOffload } from '../link/offload.js';
 import type { Clock } from '../time.js';
 import { ARP_LEN, ArpOp, ArpPacket, emitArp, parseArp } from '../wire/arp.js';
 import { ETH_HLEN, EtherType, EthernetFrame, writeEthernetHeader } from '../wire/ethernet.js';
@@ -27,8 +28,11 @@ import { NeighborCache } from './neighbors.js';
 
 /** A transport protocol handler (UDP, TCP). */
 export interface TransportHandler {
-  /** One packet (borrowed). `ip` is the validated, reassembled IPv4 packet. */
-  input(ip: Ipv4Packet, srcMac: Uint8Array): void;
+  /**
+   * One packet (borrowed). `ip` is the validated, reassembled IPv4 packet; `csumOk` says the
+   * device already vouched for the transport checksum (offload), so it need not be verified.
+   */
+  input(ip: Ipv4Packet, srcMac: Uint8Array, csumOk: boolean): void;
   /** End of a received batch. */
   flush?(): void;
 }
@@ -107,12 +111,18 @@ export class Gateway implements Link {
     this.rx = rx;
   }
 
+  /** We are an endpoint: partial checksums and super-segments are fine (nothing to complete or cut). */
+  readonly offloads: LinkOffloads = { csum: true, tso4: true };
+
   /** A frame from the switch: our input. */
-  send(frame: Uint8Array): void {
+  send(frame: Uint8Array, meta?: FrameMeta): void {
     if (this.closed) return;
     this.stats.rxFrames++;
     this.stats.rxBytes += frame.length;
     this.inBatch = true;
+    // A partial checksum was never computed and a "valid" one was checked by the kernel:
+    // either way there is nothing to verify. Only frames from a local TAP carry these.
+    this.rxCsumOk = meta !== undefined && (meta.flags & (CSUM_PARTIAL | CSUM_VALID)) !== 0;
     try {
       this.input(frame);
     } catch (err) {
@@ -123,6 +133,7 @@ export class Gateway implements Link {
   }
 
   lastError: unknown = null;
+  private rxCsumOk = false;
 
   /** End of the switch's batch: let transports flush coalesced output. */
   flush(): void {
@@ -258,7 +269,8 @@ export class Gateway implements Link {
       if (this.owned.has(dst)) this.sendUnreachable(ip, 2 /* protocol unreachable */);
       return;
     }
-    h.input(ip, eth.src);
+    // Reassembled datagrams lose the per-frame offload state: verify those.
+    h.input(ip, eth.src, this.rxCsumOk && !checked.isFragment);
   }
 
   private icmpInput(ip: Ipv4Packet): void {
@@ -297,8 +309,11 @@ export class Gateway implements Link {
    * Send scratch[headroom, headroom+len) as an IPv4 packet src→dst. Resolves the neighbour,
    * fragments above the MTU (unless `df`), and emits. Returns false when dropped.
    */
-  send4(src: Ip4, dst: Ip4, proto: number, len: number, opts?: { dstMac?: Uint8Array; df?: boolean; tos?: number }): boolean {
+  send4(src: Ip4, dst: Ip4, proto: number, len: number, gsoSize = 0, opts?: { dstMac?: Uint8Array; df?: boolean; tos?: number }): boolean {
     if (this.closed) return false;
+    // TCP leaves its checksum to the device (csumOffload) and may hand us super-segments.
+    const partial = proto === IpProto.TCP && this.csumOffload;
+    const gso = gsoSize > 0 && IPV4_HLEN + len > this.mtu;
     const b = this.scratch;
     const c = this.o.counters;
     let dstMac: Uint8Array | null = opts?.dstMac ?? null;
@@ -311,7 +326,7 @@ export class Gateway implements Link {
     }
     const total = IPV4_HLEN + len;
     const df = opts?.df ?? false;
-    if (total > this.mtu) {
+    if (total > this.mtu && !gso) {
       if (df) {
         c.inc('ipv4.drop.tx_too_big');
         return false;
@@ -325,13 +340,31 @@ export class Gateway implements Link {
     );
     const frame = b.subarray(0, ETH_HLEN + total);
     writeEthernetHeader(b, 0, dstMac ?? BROADCAST_MAC, this.mac, EtherType.IPv4);
+    let meta: FrameMeta | undefined;
+    if (partial || gso) {
+      meta = this.txMeta;
+      meta.flags = partial ? CSUM_PARTIAL : 0;
+      meta.csumStart = HEADROOM;
+      meta.csumOffset = 16;
+      meta.gsoType = gso ? GSO_TCPV4 : GSO_NONE;
+      meta.gsoSize = gso ? gsoSize : 0;
+      meta.hdrLen = HEADROOM + ((b[HEADROOM + 12]! >> 4) << 2);
+    }
     if (dstMac === null) {
-      this.neighbors.enqueue(dst, frame);
+      // The neighbour queue keeps plain frames: resolve offloads before parking them.
+      if (meta) softwareOffload(frame, meta, this.o.counters, (f) => this.neighbors.enqueue(dst, f));
+      else this.neighbors.enqueue(dst, frame);
       return true;
     }
-    this.emit(frame);
+    this.emit(frame, meta);
     return true;
   }
+
+  /** Transports write only pseudo-header sums for TCP; the device or the switch completes them. */
+  readonly csumOffload = true;
+  /** TCP super-segments up to a whole IPv4 packet (the TAP or the switch cuts them). */
+  readonly tsoMax = 65535 - IPV4_HLEN - 60;
+  private readonly txMeta: FrameMeta = newFrameMeta();
 
   largestPayload(): number {
     return this.mtu - IPV4_HLEN;
@@ -402,11 +435,11 @@ export class Gateway implements Link {
   }
 
   /** Hand a frame to the switch (borrowed). */
-  private emit(frame: Uint8Array): void {
+  private emit(frame: Uint8Array, meta?: FrameMeta): void {
     if (this.rx === null || this.closed) return;
     this.stats.txFrames++;
     this.stats.txBytes += frame.length;
-    this.rx.frame(frame);
+    this.rx.frame(frame, meta);
     // Output not triggered by input (timers, host sockets): end the burst once per tick.
     if (!this.inBatch && !this.batchEndQueued) {
       this.batchEndQueued = true;

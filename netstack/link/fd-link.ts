@@ -19,7 +19,20 @@
  * queue bound new frames are dropped and counted. Counters: `<layer>.drop.<reason>`.
  */
 import { Counters } from '../counters.js';
-import { type Link, type LinkReceiver, type LinkStats, MAX_L2_OVERHEAD, newLinkStats } from './link.js';
+import {
+  CSUM_PARTIAL,
+  CSUM_VALID,
+  type FrameMeta,
+  GSO_NONE,
+  GSO_TCPV4,
+  type Link,
+  type LinkOffloads,
+  type LinkReceiver,
+  type LinkStats,
+  MAX_L2_OVERHEAD,
+  newFrameMeta,
+  newLinkStats,
+} from './link.js';
 import { FrameIO, type NativeError, isNativeError } from '../../native/index.js';
 
 /** An Ethernet header: anything shorter is not a frame. */
@@ -35,6 +48,13 @@ export interface FdLinkOptions {
   counters?: Counters;
 }
 
+/** struct virtio_net_hdr (10 bytes, little-endian here): flags, gso_type, hdr_len, gso_size, csum_start, csum_offset. */
+export const VNET_HDR_LEN = 10;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
+const VIRTIO_NET_HDR_F_DATA_VALID = 2;
+const VIRTIO_NET_HDR_GSO_TCPV4 = 1;
+const VIRTIO_NET_HDR_GSO_ECN = 0x80;
+
 /** Errors after which the device is gone: stop and report down instead of dropping per frame. */
 const FATAL = new Set(['ECONNREFUSED', 'ECONNRESET', 'ENOTCONN', 'EPIPE', 'EBADF', 'EBADFD', 'ENODEV', 'ENXIO', 'EOF']);
 
@@ -44,6 +64,11 @@ export abstract class FdFrameLink implements Link {
   /** Largest frame accepted either way: mtu + Ethernet header + one 802.1Q tag. */
   readonly maxFrame: number;
   protected readonly io: FrameIO;
+  /** Bytes of virtio-net header before each frame on the descriptor (0 or 10). */
+  protected readonly vnet: number;
+  readonly offloads: LinkOffloads | undefined;
+  /** Reused for every received frame (borrowed, like the frame). */
+  private readonly rxMeta: FrameMeta = newFrameMeta();
   protected closed = false;
   private rx: LinkReceiver | null = null;
   private readonly truncated: number;
@@ -75,9 +100,14 @@ export abstract class FdFrameLink implements Link {
     socket: boolean,
     learnPeer: boolean,
     o: FdLinkOptions,
+    /** A TAP opened with IFF_VNET_HDR and checksum + TSO4 offloads. */
+    vnetHdr = false,
   ) {
     this.counters = o.counters ?? new Counters();
-    this.maxFrame = mtu + MAX_L2_OVERHEAD;
+    this.vnet = vnetHdr ? VNET_HDR_LEN : 0;
+    this.offloads = vnetHdr ? { csum: true, tso4: true } : undefined;
+    // With TSO the device exchanges IP packets up to 64 KiB whatever the MTU.
+    this.maxFrame = vnetHdr ? 65535 + MAX_L2_OVERHEAD : mtu + MAX_L2_OVERHEAD;
     const frames = o.txQueueFrames ?? 512;
     const bytes = o.txQueueBytes ?? Math.min(frames * this.maxFrame, 8 << 20);
     this.arena = new Uint8Array(Math.max(bytes, this.maxFrame));
@@ -85,7 +115,7 @@ export abstract class FdFrameLink implements Link {
     this.lens = new Uint32Array(frames);
     // One byte more than the largest frame, so a longer frame shows as oversize, not as a
     // silently truncated one; rounded to 8 to keep slots aligned.
-    const slotSize = (this.maxFrame + 1 + 7) & ~7;
+    const slotSize = (this.maxFrame + this.vnet + 1 + 7) & ~7;
     this.io = new FrameIO({
       fd,
       socket,
@@ -134,8 +164,20 @@ export abstract class FdFrameLink implements Link {
     for (let i = 0; i < count && !this.closed; i++) {
       const len = lengths[i];
       const off = i * slotSize;
-      if (len === this.truncated || len > this.maxFrame) {
+      if (len === this.truncated || len > this.maxFrame + this.vnet) {
         this.dropRx('oversize');
+        continue;
+      }
+      if (this.vnet) {
+        if (len < this.vnet + MIN_FRAME) {
+          this.dropRx('short');
+          continue;
+        }
+        const meta = this.readVnetHdr(buf, off);
+        if (meta === null) continue;
+        this.stats.rxFrames++;
+        this.stats.rxBytes += len - this.vnet;
+        rx?.frame(buf.subarray(off + this.vnet, off + len), meta.flags === 0 && meta.gsoType === GSO_NONE ? undefined : meta);
         continue;
       }
       if (this.swallow(buf, off, len)) continue;
@@ -150,23 +192,44 @@ export abstract class FdFrameLink implements Link {
     rx?.batchEnd?.();
   }
 
+  private readVnetHdr(b: Uint8Array, off: number): FrameMeta | null {
+    const m = this.rxMeta;
+    const flags = b[off]!;
+    const gso = b[off + 1]! & ~VIRTIO_NET_HDR_GSO_ECN;
+    m.flags = (flags & VIRTIO_NET_HDR_F_NEEDS_CSUM ? CSUM_PARTIAL : 0) | (flags & VIRTIO_NET_HDR_F_DATA_VALID ? CSUM_VALID : 0);
+    m.hdrLen = b[off + 2]! | (b[off + 3]! << 8);
+    m.gsoSize = b[off + 4]! | (b[off + 5]! << 8);
+    m.csumStart = b[off + 6]! | (b[off + 7]! << 8);
+    m.csumOffset = b[off + 8]! | (b[off + 9]! << 8);
+    if (gso === 0) m.gsoType = GSO_NONE;
+    else if (gso === VIRTIO_NET_HDR_GSO_TCPV4) m.gsoType = GSO_TCPV4;
+    else {
+      // We only enabled TSO4 (TUNSETOFFLOAD): anything else is a kernel we do not understand.
+      this.dropRx('gso_unsupported');
+      return null;
+    }
+    return m;
+  }
+
   private onReadError(err: NativeError): void {
     this.counters.inc(`${this.layer}.rx_error.${err.code.toLowerCase()}`);
     this.down(`${this.name}: ${err.message}`);
   }
 
-  send(frame: Uint8Array): void {
-    const len = frame.length;
+  send(frame: Uint8Array, meta?: FrameMeta): void {
+    const flen = frame.length;
+    const len = flen + this.vnet;
     if (this.closed) return this.dropTx('closed');
     if (!this.canSend()) return this.dropTx('no_peer');
-    if (len > this.maxFrame) return this.dropTx('oversize');
-    if (len < MIN_FRAME) return this.dropTx('short');
+    if (flen > this.maxFrame || (flen > this.mtu + MAX_L2_OVERHEAD && meta?.gsoType !== GSO_TCPV4)) return this.dropTx('oversize');
+    if (flen < MIN_FRAME) return this.dropTx('short');
     if (this.pending === this.offs.length) return this.dropTx('queue_full');
     if (this.dataEnd + len > this.arena.length) {
       this.compact();
       if (this.dataEnd + len > this.arena.length) return this.dropTx('queue_full');
     }
-    this.arena.set(frame, this.dataEnd);
+    if (this.vnet) this.writeVnetHdr(this.arena, this.dataEnd, meta);
+    this.arena.set(frame, this.dataEnd + this.vnet);
     this.offs[this.pending] = this.dataEnd;
     this.lens[this.pending] = len;
     this.pending++;
@@ -175,6 +238,23 @@ export abstract class FdFrameLink implements Link {
       this.flushScheduled = true;
       setImmediate(this.flushNow);
     }
+  }
+
+  private writeVnetHdr(b: Uint8Array, off: number, meta: FrameMeta | undefined): void {
+    if (meta === undefined) {
+      b.fill(0, off, off + VNET_HDR_LEN);
+      return;
+    }
+    b[off] = (meta.flags & CSUM_PARTIAL ? VIRTIO_NET_HDR_F_NEEDS_CSUM : 0) | (meta.flags & CSUM_VALID ? VIRTIO_NET_HDR_F_DATA_VALID : 0);
+    b[off + 1] = meta.gsoType === GSO_TCPV4 ? VIRTIO_NET_HDR_GSO_TCPV4 : 0;
+    b[off + 2] = meta.hdrLen & 0xff;
+    b[off + 3] = meta.hdrLen >> 8;
+    b[off + 4] = meta.gsoSize & 0xff;
+    b[off + 5] = meta.gsoSize >> 8;
+    b[off + 6] = meta.csumStart & 0xff;
+    b[off + 7] = meta.csumStart >> 8;
+    b[off + 8] = meta.csumOffset & 0xff;
+    b[off + 9] = meta.csumOffset >> 8;
   }
 
   /** Move the pending bytes to the start of the arena (only when the tail is full). */
@@ -192,7 +272,7 @@ export abstract class FdFrameLink implements Link {
     if (k === 0) return;
     for (let i = 0; i < k; i++) {
       this.stats.txFrames++;
-      this.stats.txBytes += this.lens[i];
+      this.stats.txBytes += this.lens[i] - this.vnet;
     }
     this.shift(k);
   }

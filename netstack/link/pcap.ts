@@ -15,7 +15,7 @@
  */
 import * as fs from 'node:fs';
 import type { Counters } from '../counters.js';
-import { type Link, type LinkReceiver, type LinkStats } from './link.js';
+import { type FrameMeta, type Link, type LinkOffloads, type LinkReceiver, type LinkStats } from './link.js';
 
 export const PCAP_MAGIC_MICRO = 0xa1b2c3d4;
 export const PCAP_MAGIC_NANO = 0xa1b23c4d;
@@ -265,18 +265,24 @@ export class CaptureLink implements Link {
   attach(rx: LinkReceiver): void {
     const w = this.writer;
     this.inner.attach({
-      frame: (f) => {
+      frame: (f, meta) => {
         w.write(f);
-        rx.frame(f);
+        rx.frame(f, meta);
       },
       batchEnd: rx.batchEnd ? () => rx.batchEnd!() : undefined,
       down: rx.down ? (r) => rx.down!(r) : undefined,
     });
   }
 
-  send(frame: Uint8Array): void {
+  /** As the inner link's: a capture records super-segments and partial checksums as they
+   * pass, as tcpdump does on an interface with offloads. */
+  get offloads(): LinkOffloads | undefined {
+    return this.inner.offloads;
+  }
+
+  send(frame: Uint8Array, meta?: FrameMeta): void {
     this.writer.write(frame);
-    this.inner.send(frame);
+    this.inner.send(frame, meta);
   }
 
   flush(): void {

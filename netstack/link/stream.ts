@@ -12,7 +12,7 @@
  * is no resync marker in this framing, so the connection is closed.
  *
  * Send: frames are copied (borrowed) into one pending buffer, length prefix included, and the
- * batch goes out in one `socket.write` per tick. While the socket pushes back (`write()`
+ * batch goes out in one `socket.write` per event-loop turn (or at `flush()`). While the socket pushes back (`write()`
  * returned false) frames keep accumulating up to a bound, beyond which they are dropped and
  * counted until 'drain': a stalled VMM must not grow our memory without limit, and a dropped
  * frame is what a full NIC queue does anyway.
@@ -236,7 +236,10 @@ export class StreamLink implements Link {
     this.stats.txBytes += frame.length;
     if (!this.blocked && !this.flushQueued) {
       this.flushQueued = true;
-      process.nextTick(() => {
+      // setImmediate, as fd-link.ts does: it runs once after the whole poll phase, so frames
+      // produced by every descriptor that woke up together leave in one write, at no
+      // latency cost (libuv polls with a zero timeout while an immediate is pending).
+      setImmediate(() => {
         this.flushQueued = false;
         this.flush();
       });

@@ -11,7 +11,8 @@
 import { isGroupMac, macKey, macStr } from '../addr.js';
 import type { Clock } from '../time.js';
 import type { Counters } from '../counters.js';
-import type { Link, LinkReceiver } from './link.js';
+import type { FrameMeta, Link, LinkReceiver } from './link.js';
+import { needsSoftware, softwareOffload } from './offload.js';
 import { ETH_HLEN } from '../wire/ethernet.js';
 
 export interface SwitchPort {
@@ -37,8 +38,8 @@ class PortImpl implements SwitchPort, LinkReceiver {
     private readonly sw: Switch,
   ) {}
 
-  frame(frame: Uint8Array): void {
-    this.sw.ingress(this, frame);
+  frame(frame: Uint8Array, meta?: FrameMeta): void {
+    this.sw.ingress(this, frame, meta);
   }
 
   batchEnd(): void {
@@ -106,7 +107,7 @@ export class Switch {
   }
 
   /** @internal */
-  ingress(from: PortImpl, frame: Uint8Array): void {
+  ingress(from: PortImpl, frame: Uint8Array, meta?: FrameMeta): void {
     const c = this.opts.counters;
     if (from.removed) return;
     if (frame.length < ETH_HLEN) {
@@ -123,13 +124,13 @@ export class Switch {
 
     if (isGroupMac(frame, 0)) {
       c.inc('switch.flood');
-      this.flood(from, frame);
+      this.flood(from, frame, meta);
       return;
     }
     const e = this.table.get(macKey(frame, 0));
     if (e === undefined || now - e.seen > this.ageingMs) {
       c.inc('switch.flood_unknown');
-      this.flood(from, frame);
+      this.flood(from, frame, meta);
       return;
     }
     if (e.port === from) {
@@ -138,7 +139,7 @@ export class Switch {
       return;
     }
     c.inc('switch.forward');
-    this.deliver(e.port, frame);
+    this.deliver(e.port, frame, meta);
   }
 
   private learn(key: number, port: PortImpl, now: number): void {
@@ -162,12 +163,14 @@ export class Switch {
     for (const [k, e] of this.table) if (now - e.seen > this.ageingMs) this.table.delete(k);
   }
 
-  private flood(from: PortImpl, frame: Uint8Array): void {
-    for (const p of this.ports) if (p !== from) this.deliver(p, frame);
+  private flood(from: PortImpl, frame: Uint8Array, meta?: FrameMeta): void {
+    for (const p of this.ports) if (p !== from) this.deliver(p, frame, meta);
   }
 
-  private deliver(p: PortImpl, frame: Uint8Array): void {
-    p.link.send(frame);
+  private deliver(p: PortImpl, frame: Uint8Array, meta?: FrameMeta): void {
+    if (meta === undefined || (meta.flags === 0 && meta.gsoType === 0)) p.link.send(frame);
+    else if (needsSoftware(meta, p.link.offloads)) softwareOffload(frame, meta, this.opts.counters, (f) => p.link.send(f));
+    else p.link.send(frame, meta);
     if (!p.dirty && p.link.flush) {
       p.dirty = true;
       this.dirty.push(p);

@@ -15,7 +15,7 @@
  */
 import { closeSync } from 'node:fs';
 import { FdFrameLink, type FdLinkOptions } from './fd-link.js';
-import { type NetnsRef, type TapDevice, createTap } from '../../native/index.js';
+import { type NetnsRef, TUN_F_CSUM, TUN_F_TSO4, type TapDevice, createTap } from '../../native/index.js';
 
 export interface TapLinkOptions extends FdLinkOptions {
   /** Interface name (1..15 bytes). */
@@ -28,6 +28,12 @@ export interface TapLinkOptions extends FdLinkOptions {
   mac?: Uint8Array | string;
   /** Bring the interface up (default true). */
   up?: boolean;
+  /**
+   * Checksum and TCP segmentation offload through the virtio-net header (default true): the
+   * kernel hands over TCP super-segments of up to 64 KiB with partial checksums and takes
+   * ours, so neither side computes checksums or handles MTU-sized pieces.
+   */
+  offload?: boolean;
 }
 
 export class TapLink extends FdFrameLink {
@@ -35,17 +41,27 @@ export class TapLink extends FdFrameLink {
     readonly device: TapDevice,
     mtu: number,
     o: FdLinkOptions,
+    offload: boolean,
   ) {
-    super(device.name, mtu, 'tap', device.fd, false, false, o);
+    super(device.name, mtu, 'tap', device.fd, false, false, o, offload);
   }
 
   /** Create the TAP and start moving frames. Throws a NativeError (ENOENT: no such
    * namespace, EPERM: no privilege, EINVAL: bad name/MTU/MAC, EBUSY: name taken). */
   static open(o: TapLinkOptions): TapLink {
     const mtu = o.mtu ?? 1500;
-    const device = createTap({ name: o.ifname, netns: o.netns, mtu, mac: o.mac, up: o.up ?? true });
+    const offload = o.offload ?? true;
+    const device = createTap({
+      name: o.ifname,
+      netns: o.netns,
+      mtu,
+      mac: o.mac,
+      up: o.up ?? true,
+      vnetHdr: offload,
+      offload: offload ? TUN_F_CSUM | TUN_F_TSO4 : 0,
+    });
     try {
-      return new TapLink(device, mtu, o);
+      return new TapLink(device, mtu, o, offload);
     } catch (e) {
       closeSync(device.fd);
       throw e;

@@ -24,7 +24,7 @@ import type { CongestionControl } from './congestion.js';
 import { NewReno } from './congestion.js';
 import { Cubic } from './cubic.js';
 import { TcpError, type TcpErrorCode } from './errors.js';
-import { output, sendRst, maybeWindowUpdate } from './output.js';
+import { acceptableSeq, output, sendRst, maybeWindowUpdate } from './output.js';
 import { ByteRing } from './ring.js';
 import { RttEstimator } from './rtt.js';
 import { Scoreboard } from './scoreboard.js';
@@ -249,7 +249,7 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
       this.emitPending(false);
       return;
     }
-    if (this.state !== TcpState.SYN_SENT) sendRst(this, this.sndNxt, true);
+    if (this.state !== TcpState.SYN_SENT) sendRst(this, acceptableSeq(this), true);
     this.closeNow(null);
     this.emitPending(false);
   }

@@ -16,7 +16,7 @@ import { seqAdd, seqDiff, seqGe, seqGt, seqLe, seqLt } from './seq.js';
 import { canReceive, TcpState } from './state.js';
 import { TimerKind } from './timers.js';
 
-const { FIN, SYN, RST, PSH, ACK } = TcpFlag;
+const { FIN, SYN, RST, ACK } = TcpFlag;
 
 export function segmentArrives(c: TcpConnection, s: TcpRepr, payload: Uint8Array): void {
   const counters = c.ctx.counters;
@@ -62,30 +62,27 @@ export function segmentArrives(c: TcpConnection, s: TcpRepr, payload: Uint8Array
   } else if (wnd === 0) {
     // Linux (tcp_data_queue) accepts a bare FIN at rcv.nxt into a zero window: senders
     // do send them, and refusing would stall the close.
-    ok = payload.length === 0 && f & FIN && s.seq === c.rcvNxt ? true : false;
+    ok = payload.length === 0 && (f & FIN) !== 0 && s.seq === c.rcvNxt;
   } else {
     ok = inWindow(s.seq, c.rcvNxt, wnd) || inWindow(seqAdd(s.seq, segLen - 1), c.rcvNxt, wnd);
   }
   if (!ok) {
-    if (f & RST) {
-      counters.inc('tcp.drop.out_of_window');
-      return;
-    }
     counters.inc('tcp.drop.out_of_window');
+    if (f & RST) return; // §3.10.7.4: an unacceptable RST is dropped silently
     if (c.state === TcpState.TIME_WAIT && f & FIN) {
       // Retransmitted FIN: our last ACK was lost. ACK again and restart 2MSL (§3.10.7.4).
       c.timer.arm(c.ctx.cfg.timeWaitMs);
     }
-    // §3.10.7.4: an unacceptable segment is answered with an ACK (an old duplicate tells us
-    // our ACK was lost) — not for out-of-window segments of a flood, which the challenge-ACK
-    // limit does not cover; Linux answers them too (tcp_send_dupack), rate-limited per socket.
+    // §3.10.7.4: an unacceptable segment is answered with an ACK (an old duplicate means
+    // our ACK was lost). ackNow coalesces a burst of them into one ACK per flush().
     c.ackNow = true;
     c.markDirty();
     return;
   }
   // A valid segment: it proves the peer alive.
   c.lastRecvTime = now;
-  c.probes = c.timerKind === TimerKind.PERSIST ? c.probes : 0;
+  // Answered probes (zero-window or keepalive) never count towards an abort.
+  c.probes = 0;
   if (c.tsOk && s.tsPresent && seqLe(s.seq, c.lastAckSent)) c.tsRecent = s.tsval; // RFC 7323 §4.3
 
   // Second: RST (RFC 5961 §3.2): only an exact match resets; in-window gets a challenge ACK.
@@ -164,7 +161,7 @@ export function segmentArrives(c: TcpConnection, s: TcpRepr, payload: Uint8Array
 
   // Seventh: segment text.
   if (payload.length > 0) {
-    if (canReceive(c.state)) receiveData(c, s.seq, payload, (f & PSH) !== 0);
+    if (canReceive(c.state)) receiveData(c, s.seq, payload);
     else counters.inc('tcp.drop.data_after_fin');
   }
 
@@ -388,7 +385,7 @@ function enterRecovery(c: TcpConnection, now: number): void {
  * holes the segment is dropped and counted). Bytes before rcv.nxt (overlap with what we
  * have) and beyond the advertised window are trimmed.
  */
-function receiveData(c: TcpConnection, seq: number, payload: Uint8Array, psh: boolean): void {
+function receiveData(c: TcpConnection, seq: number, payload: Uint8Array): void {
   let start = seqDiff(seq, c.rcvNxt);
   let data = payload;
   if (start < 0) {
@@ -437,12 +434,12 @@ function receiveData(c: TcpConnection, seq: number, payload: Uint8Array, psh: bo
     c.rcvNxt = seqAdd(c.rcvNxt, advanced);
     c.bytesIn += advanced;
     c.ackBytes += advanced;
-    // Delayed ACK (RFC 9293 §3.8.6.3; Linux): every second full segment, in quickack
-    // mode (connection start), or when the sender pushed and nothing else is pending —
-    // otherwise within delayedAckMs.
-    if (c.ackBytes >= 2 * c.rcvMss || c.quickAcks > 0) c.ackNow = true;
+    // Delayed ACK (RFC 9293 §3.8.6.3; Linux): every second full segment or in quickack
+    // mode (connection start); otherwise within delayedAckMs. (PSH does not force an ACK,
+    // as in Linux: a reply usually follows and carries it.)
+    const fullSeg = c.rcvMss - (c.tsOk ? 12 : 0);
+    if (c.ackBytes >= 2 * fullSeg || c.quickAcks > 0) c.ackNow = true;
     else if (!c.ackNow) c.delack.armIfIdle(c.ctx.cfg.delayedAckMs);
-    void psh;
   }
 }
 

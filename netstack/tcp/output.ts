@@ -6,7 +6,7 @@
  */
 import { TcpFlag, tcpHeaderLen, emitTcp, TCP_PROTO, TCP_HLEN } from '../wire/tcp.js';
 import type { TcpConnection } from './connection.js';
-import { seqAdd, seqDiff, seqGt, seqLt, seqMax } from './seq.js';
+import { seqAdd, seqDiff, seqGt, seqLe, seqLt, seqMax } from './seq.js';
 import { TcpState } from './state.js';
 import { TimerKind } from './timers.js';
 
@@ -61,9 +61,16 @@ export function transmit(c: TcpConnection, seq: number, len: number, flags: numb
     if (len > 0 && tcpHeaderLen(r) - TCP_HLEN + len > c.mss + (r.tsPresent ? 12 : 0)) r.sackBlocks.length = 0;
   }
   r.payloadLen = len;
+  // snd.max is the highest sequence ever sent, whoever sends (probes and forced
+  // retransmissions included): ACKs up to it are acceptable. A RST's sequence number may be
+  // the peer's (bogus) ACK value (§3.10.7.1): it must not move snd.max.
+  if (!(flags & RST)) {
+    const end = seqAdd(seq, len + (flags & FIN ? 1 : 0) + (syn ? 1 : 0));
+    if (seqGt(end, c.sndMax)) c.sndMax = end;
+  }
   const hlen = tcpHeaderLen(r);
   if (len > 0) c.sndBuf.copyOut(seqDiff(seq, c.sndUna), len, ip.scratch, ip.headroom + hlen);
-  const n = emitTcp(r, null, ip.scratch, ip.headroom, c.localIp, c.remoteIp);
+  const n = emitTcp(r, null, ip.scratch, ip.headroom, c.localIp, c.remoteIp, ip.csumOffload === true);
   if (flags & ACK) {
     c.lastAckSent = c.rcvNxt;
     c.ackNow = false;
@@ -71,7 +78,8 @@ export function transmit(c: TcpConnection, seq: number, len: number, flags: numb
     c.delack.cancel();
     if (c.quickAcks > 0) c.quickAcks--;
   }
-  return ip.send4(c.localIp, c.remoteIp, TCP_PROTO, n);
+  // A super-segment (TSO) is cut into c.mss pieces by the device or the switch.
+  return ip.send4(c.localIp, c.remoteIp, TCP_PROTO, n, len > c.mss ? c.mss : 0);
 }
 
 export function sendSyn(c: TcpConnection): void {
@@ -86,8 +94,20 @@ export function sendSynAck(c: TcpConnection): void {
   transmit(c, c.iss, 0, SYN | ACK);
 }
 
+/**
+ * Sequence number for segments without data (ACKs, RSTs): the highest sent, clipped to the
+ * peer's window (Linux tcp_acceptable_seq). Not sndNxt: after an RTO pulls sndNxt back for
+ * go-back-N, a pure ACK stamped with it would fall before the peer's rcv.nxt, fail its
+ * acceptability test (RFC 9293 §3.10.7.4) and be dropped with the ACK it carries — two such
+ * peers deadlock (found by the fault-injection property test).
+ */
+export function acceptableSeq(c: TcpConnection): number {
+  const wndEnd = seqAdd(c.sndUna, c.sndWnd);
+  return seqLe(c.sndMax, wndEnd) ? c.sndMax : seqMax(wndEnd, c.sndNxt);
+}
+
 export function sendAck(c: TcpConnection): void {
-  transmit(c, c.sndNxt, 0, ACK);
+  transmit(c, acceptableSeq(c), 0, ACK);
 }
 
 /** RST from a connection: <SEQ=seq><CTL=RST(,ACK)>. */
@@ -144,11 +164,6 @@ function unsent(c: TcpConnection): number {
   return c.sndBuf.length - seqDiff(c.sndNxt, c.sndUna);
 }
 
-/** Sequence number of our FIN (valid when finQueued). */
-export function finSeq(c: TcpConnection): number {
-  return seqAdd(c.sndUna, c.finAcked ? -1 : c.sndBuf.length);
-}
-
 /**
  * Send what may be sent now, then an ACK if one is owed and no segment carried it, then
  * pick the timer. Called after input (at flush), after write()/end(), and from timers.
@@ -178,6 +193,8 @@ export function output(c: TcpConnection): void {
 /** Normal transmission from sndNxt, limited by min(peer window, cwnd). */
 function sendData(c: TcpConnection): boolean {
   let sent = false;
+  const tso = c.ctx.ip.tsoMax ?? 0;
+  const segMax = tso > c.mss ? Math.floor(tso / c.mss) * c.mss : c.mss;
   const fin = c.finQueued && !c.finAcked;
   for (;;) {
     const queued = c.sndBuf.length;
@@ -187,7 +204,9 @@ function sendData(c: TcpConnection): boolean {
     const flight = off;
     const wnd = Math.min(c.sndWnd, c.cc.cwnd);
     const usable = wnd - flight;
-    let len = Math.min(avail, c.mss, Math.max(0, usable));
+    // With TSO, one super-segment carries as many whole MSS as the window allows (as Linux's
+    // tcp_tso_autosize, minus the pacing): fewer, larger writes for the same bytes on the wire.
+    let len = Math.min(avail, segMax, Math.max(0, usable));
     if (len < avail && len < c.mss) {
       // Window-limited small segment: sender SWS avoidance (RFC 9293 §3.8.6.2.1) sends it
       // only if it is at least half the largest window the peer offered.
@@ -206,8 +225,9 @@ function sendData(c: TcpConnection): boolean {
       c.rttSeq = seqAdd(seq, len);
       c.rttTime = c.ctx.clock.now();
     }
+    const again = seqLt(seq, c.sndMax);
     transmit(c, seq, len, flags);
-    if (seqLt(seq, c.sndMax)) c.ctx.counters.inc('tcp.retransmit.segments');
+    if (again) c.ctx.counters.inc('tcp.retransmit.segments');
     c.sndNxt = seqAdd(seq, len + (withFin ? 1 : 0));
     if (seqGt(c.sndNxt, c.sndMax)) c.sndMax = c.sndNxt;
     sent = true;
@@ -315,4 +335,3 @@ export function updateTimer(c: TcpConnection): void {
   c.timerKind = TimerKind.NONE;
 }
 
-export { RST, SYN, FIN, ACK, PSH };

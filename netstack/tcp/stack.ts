@@ -9,7 +9,7 @@
  */
 import type { Clock } from '../time.js';
 import type { Counters } from '../counters.js';
-import { emitTcp, newTcpRepr, parseTcpInto, TCP_PROTO, TcpFlag, TcpSegment, type TcpRepr } from '../wire/tcp.js';
+import { emitTcp, newTcpRepr, parseTcpInto, TCP_HLEN, TCP_PROTO, TcpFlag, tcpChecksumOk, type TcpRepr } from '../wire/tcp.js';
 import { DEFAULT_CONFIG, type StackContext, type TcpConfig } from './config.js';
 import { TcpConnection, type TcpTuple } from './connection.js';
 import { TcpError } from './errors.js';
@@ -139,16 +139,23 @@ export class TcpStack {
 
   // ---------------- receive ----------------
 
-  input(src: number, dst: number, segment: Uint8Array): void {
+  /** `checksumVerified`: the link vouched for the checksum (a TAP's offload state), skip it. */
+  input(src: number, dst: number, segment: Uint8Array, checksumVerified = false): void {
     const counters = this.counters;
     const r = this.rx;
+    if (segment.length < TCP_HLEN) {
+      counters.inc('tcp.drop.truncated');
+      return;
+    }
+    // Checksum first: a corrupted segment is counted as such, not as whatever field the
+    // corruption happened to hit.
+    if (!checksumVerified && !tcpChecksumOk(segment, src, dst)) {
+      counters.inc('tcp.drop.bad_checksum');
+      return;
+    }
     const bad = parseTcpInto(segment, r);
     if (bad !== null) {
       counters.inc(`tcp.drop.${bad}`);
-      return;
-    }
-    if (!new TcpSegment(segment).verifyChecksum(src, dst)) {
-      counters.inc('tcp.drop.bad_checksum');
       return;
     }
     if (r.srcPort === 0 || r.dstPort === 0) {
@@ -206,7 +213,8 @@ export class TcpStack {
         counters.inc('tcp.drop.syn_backlog');
         return;
       }
-      if (this.count >= this.cfg.maxConnections) {
+      // Pending SYNs become connections when accepted: count them against the limit too.
+      if (this.count + this.pendingCount >= this.cfg.maxConnections) {
         counters.inc('tcp.drop.conn_limit');
         return;
       }
@@ -278,7 +286,7 @@ export class TcpStack {
     r.sackBlocks.length = 0;
     r.tsPresent = false;
     r.payloadLen = 0;
-    const n = emitTcp(r, null, this.ip.scratch, this.ip.headroom, t.localIp, t.remoteIp);
+    const n = emitTcp(r, null, this.ip.scratch, this.ip.headroom, t.localIp, t.remoteIp, this.ip.csumOffload === true);
     this.counters.inc('tcp.rst.sent');
     this.ip.send4(t.localIp, t.remoteIp, TCP_PROTO, n);
   }

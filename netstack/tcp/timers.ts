@@ -4,9 +4,12 @@
  * clock, re-armed, never allocated per segment.
  */
 import type { TcpConnection } from './connection.js';
-import { output, retransmitFirst, sendAck, sendSyn, sendSynAck, transmit, updateTimer, ACK } from './output.js';
+import { TcpFlag } from '../wire/tcp.js';
+import { acceptableSeq, output, retransmitFirst, sendSyn, sendSynAck, transmit, updateTimer } from './output.js';
 import { seqAdd, seqDiff, seqGt } from './seq.js';
 import { TcpState } from './state.js';
+
+const { ACK, RST } = TcpFlag;
 
 export enum TimerKind {
   NONE = 0,
@@ -155,8 +158,7 @@ function onFinWait2(c: TcpConnection): void {
   }
   c.ctx.counters.inc('tcp.finwait2.timeout');
   // Linux answers a late segment with RST once the socket is gone; say so now.
-  transmit(c, c.sndNxt, 0, ACK | 0x04);
+  transmit(c, acceptableSeq(c), 0, ACK | RST);
   c.closeNow(null);
 }
 
-export { sendAck };

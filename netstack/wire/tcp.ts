@@ -8,7 +8,7 @@
  * writes one back, computing the checksum.
  */
 import type { Ip4 } from '../addr.js';
-import { finish, pseudoSum4, sum16 } from './checksum.js';
+import { finish, fold, pseudoSum4, sum16 } from './checksum.js';
 
 export const TCP_HLEN = 20;
 /** Largest header: data offset 15 words. */
@@ -71,9 +71,14 @@ export class TcpSegment {
 
   /** True when the checksum over the pseudo-header and the whole segment verifies. */
   verifyChecksum(src: Ip4, dst: Ip4): boolean {
-    const len = this.buf.length;
-    return finish(sum16(this.buf, 0, len, pseudoSum4(src, dst, TCP_PROTO, len))) === 0;
+    return tcpChecksumOk(this.buf, src, dst);
   }
+}
+
+/** Checksum check over the pseudo-header and all of `seg` (RFC 9293 §3.1), without a view object. */
+export function tcpChecksumOk(seg: Uint8Array, src: Ip4, dst: Ip4): boolean {
+  const len = seg.length;
+  return finish(sum16(seg, 0, len, pseudoSum4(src, dst, TCP_PROTO, len))) === 0;
 }
 
 /** The meaningful fields of a segment. Absent options: mss 0, wscale -1, tsPresent false. */
@@ -206,7 +211,11 @@ export function tcpHeaderLen(r: TcpRepr): number {
  * engine copies straight from its send buffer into the IP scratch). Returns the segment
  * length. The caller guarantees room in `buf`.
  */
-export function emitTcp(r: TcpRepr, payload: Uint8Array | null, buf: Uint8Array, off: number, src: Ip4, dst: Ip4): number {
+/**
+ * `partialChecksum`: write only the folded pseudo-header sum, for a device that completes the
+ * checksum (virtio-net NEEDS_CSUM, as Linux's tcp_v4_send_check does with CHECKSUM_PARTIAL).
+ */
+export function emitTcp(r: TcpRepr, payload: Uint8Array | null, buf: Uint8Array, off: number, src: Ip4, dst: Ip4, partialChecksum = false): number {
   const hlen = tcpHeaderLen(r);
   const plen = payload ? payload.length : r.payloadLen;
   buf[off] = r.srcPort >> 8;
@@ -269,7 +278,7 @@ export function emitTcp(r: TcpRepr, payload: Uint8Array | null, buf: Uint8Array,
   }
   if (payload) buf.set(payload, off + hlen);
   const len = hlen + plen;
-  const c = finish(sum16(buf, off, len, pseudoSum4(src, dst, TCP_PROTO, len)));
+  const c = partialChecksum ? fold(pseudoSum4(src, dst, TCP_PROTO, len)) : finish(sum16(buf, off, len, pseudoSum4(src, dst, TCP_PROTO, len)));
   buf[off + 16] = c >> 8;
   buf[off + 17] = c & 0xff;
   return len;

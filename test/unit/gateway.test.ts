@@ -442,9 +442,9 @@ describe('Gateway: output API', () => {
     expect(n.gw.send4(GW1, ip4('10.0.0.1'), 17, 8)).toBe(false);
     expect(n.counters.get('ipv4.drop.tx_no_route')).toBe(1);
     n.gw.neighbors.learn(GUEST, GUEST_MAC);
-    expect(n.gw.send4(GW1, GUEST, 17, 1481, { df: true })).toBe(false);
+    expect(n.gw.send4(GW1, GUEST, 17, 1481, 0, { df: true })).toBe(false);
     expect(n.counters.get('ipv4.drop.tx_too_big')).toBe(1);
-    expect(n.gw.send4(GW1, GUEST, 17, 1480, { df: true })).toBe(true);
+    expect(n.gw.send4(GW1, GUEST, 17, 1480, 0, { df: true })).toBe(true);
     const out = n.guest.take();
     expect(out.length).toBe(1);
     expect(out[0]!.length).toBe(1514);

@@ -127,6 +127,21 @@ describe('TCP receive path', () => {
     expect(p.cb.get('tcp.window_update')).toBeGreaterThanOrEqual(1);
   });
 
+  it('zero-window probing never gives up while the receiver answers, but does when it goes silent', () => {
+    const p = new Pair({ maxRetries: 3 }, { rcvBuf: 64 * 1024 });
+    const { ca, cb } = p.open();
+    cb!.pause();
+    let err = '';
+    ca.on('error', (e) => (err = e.code));
+    ca.write(pattern(200 * 1024));
+    p.run(10 * 60_000); // ten minutes of answered probes, far beyond maxRetries
+    expect(ca.state).toBe('ESTABLISHED');
+    expect(p.ca.get('tcp.zero_window_probe')).toBeGreaterThan(3);
+    p.setFaults({ filter: () => false });
+    p.run(10 * 60_000);
+    expect(err).toBe('ETIMEDOUT');
+  });
+
   it('backpressure on the sender: write() returns false above sndBuf and drain follows', () => {
     const p = new Pair({ sndBuf: 64 * 1024 });
     const { ca, cb } = p.open();

@@ -69,6 +69,7 @@ describe('TCP data transfer', () => {
       expect(rx.ended).toBe(true);
       expect(rx.length()).toBe(data.length);
       expect(Buffer.compare(rx.bytes(), data)).toBe(0);
+      if ('drop' in faults) expect(p.ca.get('tcp.retransmit.segments')).toBeGreaterThan(0);
     });
   }
 
