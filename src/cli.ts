@@ -33,6 +33,7 @@ export function buildProgram(): Command {
     .option('--dns-upstream <addr[:port]>', 'upstream DNS server (repeatable; default: /etc/resolv.conf)', collect, [])
     .option('--pcap <file>', "write the namespace's traffic to a pcap file")
     .option('--no-host-loopback', "do not let the host alias (.254) reach the host's 127.0.0.1")
+    .option('--no-offload', 'no checksum/segmentation offload on the TAP (for debugging; slower)')
     .option('-p, --forward <spec>', 'forward a host port into the namespace: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp] (repeatable)', collect, [])
     .option('--api-socket <path>', 'serve the network API (gvisor-tap-vsock compatible and /v1) on this unix socket')
     .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))

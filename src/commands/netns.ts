@@ -28,6 +28,8 @@ export interface NetnsOptions {
   hostLoopback: boolean;
   forward?: string[];
   apiSocket?: string;
+  /** false: plain TAP frames, no virtio-net header (commander's --no-offload). */
+  offload?: boolean;
 }
 
 export interface ServedNetns {
@@ -102,7 +104,7 @@ export async function serveNetns(target: string, o: NetnsOptions, log: Logger): 
   const { TapLink } = await loadTap();
   let link: Link;
   try {
-    link = await TapLink.open({ ifname, netns: { path: ns.path }, mtu, mac });
+    link = TapLink.open({ ifname, netns: { path: ns.path }, mtu, mac, offload: o.offload !== false });
   } catch (err) {
     throw fromSystemError(err, `cannot create TAP "${ifname}" in ${ns.path}`);
   }

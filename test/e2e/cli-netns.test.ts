@@ -4,6 +4,7 @@
  * of target (name, path, PID).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import http from 'node:http';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -104,12 +105,18 @@ describe.skipIf(!isRoot)('tender netns command line', () => {
     try {
       await waitFor(async () => (await run('pgrep', ['-f', `^sleep 60$`])).stdout.trim() !== '', 5000);
       const pid = (await run('pgrep', ['-n', '-f', `^sleep 60$`])).stdout.trim();
+      const srv = http.createServer((_q, r) => r.end(Buffer.alloc(3_000_000, 9)));
+      await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+      const port = (srv.address() as { port: number }).port;
       for (const target of [pid, `/var/run/netns/${ns}`]) {
-        const t = await start(['netns', target, '--configure', '--ifname', 'tnd0']);
+        // --no-offload: plain frames, so the switch cuts the gateway's TCP super-segments itself.
+        const t = await start(['netns', target, '--configure', '--ifname', 'tnd0', '--no-offload']);
         await nsExec(ns, ['ping', '-c', '1', '-W', '2', '192.168.127.254']);
+        expect((await nsExec(ns, ['curl', '-sS', '-o', '/dev/null', '-w', '%{size_download}', `http://192.168.127.254:${port}/`])).trim()).toBe('3000000');
         t.proc.kill('SIGINT');
         expect(await t.exited).toBe(0);
       }
+      srv.close();
     } finally {
       holder.kill();
     }
