@@ -163,6 +163,33 @@ s.on('end',()=>{if(got===payload.length)ok++;if(--n===0||ok===300){process.stdou
     await guest;
   });
 
+  it('shows the guest the real address of a client on another host', async () => {
+    // "Another host": a namespace joined to ours by a veth pair, connecting to a forward on 0.0.0.0.
+    const client = nsName('cli');
+    const hostIf = `tv${process.pid % 100000}`;
+    await addNetns(client);
+    try {
+      await run('ip', ['link', 'add', hostIf, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', client]);
+      await run('ip', ['addr', 'add', '10.213.7.1/30', 'dev', hostIf]);
+      await run('ip', ['link', 'set', hostIf, 'up']);
+      await nsExec(client, ['ip', 'addr', 'add', '10.213.7.2/30', 'dev', 'eth0']);
+      await nsExec(client, ['ip', 'link', 'set', 'eth0', 'up']);
+      const fwd = await served.network.forwards.add({ protocol: 'tcp', hostIp: '0.0.0.0', hostPort: 0, guestPort: 8081 }, served.network.config.poolStart);
+      const js = `require('net').createServer(s=>{s.end(s.remoteAddress.replace('::ffff:',''))}).listen(8081)`;
+      const guest = run('ip', ['netns', 'exec', ns, process.execPath, '-e', js]).catch(() => null);
+      await waitFor(async () => (await nsExec(ns, ['ss', '-ltn'])).includes(':8081'), 10_000);
+      // The guest answers with bare bytes (its view of the client's address): --http0.9 reads them.
+      const seen = await nsExec(client, ['curl', '-sS', '--http0.9', '--max-time', '5', `http://10.213.7.1:${fwd.hostPort}/`]);
+      expect(seen).toBe('10.213.7.2');
+      served.network.forwards.remove('tcp', '0.0.0.0', fwd.hostPort);
+      await nsExec(ns, ['pkill', '-f', 'listen\\(8081']).catch(() => {});
+      await guest;
+    } finally {
+      await run('ip', ['link', 'del', hostIf]).catch(() => {});
+      await delNetns(client);
+    }
+  });
+
   it('closes the host connection promptly when the guest refuses', async () => {
     const tcpFwd = served.forwards.find((f) => f.protocol === 'tcp')!;
     // Nothing listens on 8080 in the guest now.
