@@ -35,6 +35,8 @@ export interface TcpNatOptions {
   hostLoopback: boolean;
   maxPendingPerGuest?: number;
   dialTimeoutMs?: number;
+  /** How to reach the host (injectable for tests); default node:net connect. */
+  dial?: (host: string, port: number) => net.Socket;
   /** Services on the gateway's own addresses (e.g. DNS over TCP): port → handler. */
   local?: Map<number, (conn: import('../tcp/connection.js').TcpConnection) => void>;
 }
@@ -87,7 +89,7 @@ export class TcpNat {
     }
     this.pending.set(guest, n + 1);
     c.inc('tcp_nat.dial');
-    const sock = net.connect({ host, port: t.localPort, noDelay: true });
+    const sock = this.o.dial ? this.o.dial(host, t.localPort) : net.connect({ host, port: t.localPort, noDelay: true });
     let settled = false;
     const settle = () => {
       if (settled) return false;
