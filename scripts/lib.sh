@@ -50,6 +50,16 @@ ensure_debs() {
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
+# The test guest (and later the default machine image) is assembled from Debian's packages
+# with `apt-get download`, which needs the package lists.
+ensure_apt_lists() {
+  command -v apt-get >/dev/null 2>&1 || return 0
+  if ! apt-cache show linux-image-amd64 >/dev/null 2>&1 || ! apt-cache show busybox-static >/dev/null 2>&1; then
+    say "tender: apt-get update (package lists for the guest image)"
+    apt-get update -qq >&2
+  fi
+}
+
 ensure_npm() {
   # node-gyp needs Node's headers; Debian's nodejs ships them in /usr/include/node, which saves
   # a download (and works where only the package registries are reachable).

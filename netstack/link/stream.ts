@@ -184,7 +184,7 @@ export class StreamLink implements Link {
         this.socket.destroy();
       },
     });
-    // TCP only: batches are already coalesced per tick, Nagle would only add latency.
+    // TCP only: batches are already coalesced per loop turn, Nagle would only add latency.
     if (socket.remotePort !== undefined) socket.setNoDelay(true);
     socket.on('drain', () => {
       this.blocked = false;
@@ -320,6 +320,8 @@ export class StreamLink implements Link {
     server.on('close', () => rejectAccepted(new Error('stream listener closed before a connection')));
 
     await listenWithStaleCleanup(server, addr);
+    // After listen, errors (EMFILE on accept) must not become an uncaught 'error' event.
+    server.on('error', (e) => opts.log?.warn(`${opts.name ?? 'stream'}: listener error: ${e.message}`));
     const a = server.address();
     const address: StreamAddress =
       'path' in addr ? { path: addr.path } : { host: addr.host, port: (a as net.AddressInfo).port };
