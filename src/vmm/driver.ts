@@ -1,0 +1,73 @@
+/**
+ * The VMM driver interface: everything tender needs from a hypervisor, small enough that
+ * Firecracker or cloud-hypervisor can be added beside QEMU and vfkit without touching the
+ * daemon. A driver turns a MachineSpec into a process and controls that process; networking,
+ * the agent channel and state live outside it.
+ */
+
+export type Accel = 'auto' | 'kvm' | 'tcg' | 'hvf';
+
+/** How the machine's NIC reaches tender's network. */
+export type NetAttachment =
+  /** One frame per datagram on unix sockets (QEMU -netdev dgram, vfkit unixSocketPath). Survives a daemon restart: there is no connection to lose. */
+  | { kind: 'dgram'; mac: string; localPath: string; remotePath: string }
+  /** QEMU -netdev stream, QEMU as the client of tender's listener (4-byte length framing). */
+  | { kind: 'stream'; mac: string; path: string }
+  | { kind: 'none' };
+
+/** How the guest agent reaches the host. */
+export type AgentChannel =
+  /** A virtio-serial port named org.tender.agent.0; the VMM serves `path` (a unix socket) and tender connects, so tender can reconnect after a restart. */
+  | { kind: 'virtio-serial'; path: string }
+  /** vsock, host side as Firecracker's hybrid vsock: `path` is the unix socket, guest port `port`. */
+  | { kind: 'vsock'; cid: number; port: number; path: string }
+  | { kind: 'none' };
+
+export interface MachineSpec {
+  name: string;
+  /** The machine's state directory: sockets, serial log, pid file. */
+  dir: string;
+  cpus: number;
+  memoryMiB: number;
+  kernel: string;
+  initrd?: string;
+  /** A raw or qcow2 disk image used as the root device (virtio-blk). */
+  disk?: string;
+  /** Extra kernel command-line words (the driver adds console and timing options it needs). */
+  cmdline: string[];
+  accel: Accel;
+  net: NetAttachment;
+  agent: AgentChannel;
+  /** The serial console is appended here. */
+  serialLog: string;
+  /** The VMM's control socket (QMP for QEMU, REST for vfkit). */
+  controlSocket: string;
+}
+
+export interface ExitInfo {
+  code: number | null;
+  signal: string | null;
+  /** One line for `tender machine inspect`: "powered off", "killed by SIGKILL", "QEMU exited with status 1: <last stderr line>". */
+  reason: string;
+}
+
+export interface VmmInstance {
+  readonly pid: number;
+  /** Resolves when the process is gone, whoever ended it. */
+  readonly exited: Promise<ExitInfo>;
+  /** Ask the guest to power off (ACPI / QMP system_powerdown); after `timeoutMs` kill it. */
+  shutdown(timeoutMs: number): Promise<ExitInfo>;
+  /** Kill at once (SIGKILL, or the VMM's own "quit"). */
+  kill(): Promise<ExitInfo>;
+}
+
+export interface VmmDriver {
+  readonly name: string;
+  /** The command line, for start() and for tests and `inspect` (no side effects). */
+  commandLine(spec: MachineSpec, accel: Exclude<Accel, 'auto'>): { cmd: string; args: string[] };
+  /** Resolve `auto` to what works on this host (may probe by booting; cached by the caller). */
+  resolveAccel(spec: MachineSpec): Promise<{ accel: Exclude<Accel, 'auto'>; warning?: string }>;
+  start(spec: MachineSpec): Promise<VmmInstance>;
+  /** Re-attach to a VMM started by an earlier daemon (pid from the state file), or null if it is gone. */
+  adopt(spec: MachineSpec, pid: number): Promise<VmmInstance | null>;
+}
