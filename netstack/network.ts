@@ -4,6 +4,7 @@
  * as ordinary clients of them — DHCP, DNS, the UDP NAT. Links (TAP, QEMU sockets, vfkit) are
  * added as switch ports.
  */
+import { EventEmitter } from 'node:events';
 import { type Ip4, type Mac, ip4str, macStr } from './addr.js';
 import { type NetworkConfig, networkConfig } from './config.js';
 import { Counters } from './counters.js';
@@ -40,7 +41,14 @@ export interface NetworkOptions {
   hostLookup?: (name: string, family: 4 | 6) => Promise<string[]>;
 }
 
-export class Network {
+export interface LeaseEvent {
+  event: 'bound' | 'released' | 'expired' | 'declined';
+  mac: string;
+  ip: string;
+  hostname?: string;
+}
+
+export class Network extends EventEmitter<{ lease: [LeaseEvent] }> {
   readonly config: NetworkConfig;
   readonly clock: Clock;
   readonly counters: Counters;
@@ -59,6 +67,7 @@ export class Network {
   private closed = false;
 
   constructor(opts: NetworkOptions = {}) {
+    super();
     const cfg = (this.config = opts.config ?? networkConfig());
     this.clock = opts.clock ?? new SystemClock();
     this.counters = opts.counters ?? new Counters();
@@ -130,6 +139,7 @@ export class Network {
     });
     // Leases publish `<hostname>.<zone>`, and withdraw it when they end.
     this.dhcp.onLease = (l) => {
+      this.emit('lease', { event: l.event, mac: l.mac, ip: ip4str(l.ip), hostname: l.hostname });
       if (!l.hostname) return;
       if (l.event === 'bound') this.dns.addMachine(l.hostname, ip4str(l.ip));
       else this.dns.removeMachine(l.hostname, ip4str(l.ip));

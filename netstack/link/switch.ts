@@ -20,6 +20,8 @@ export interface SwitchPort {
   readonly link: Link;
   /** Detach the port: the link is closed and its learned MACs are forgotten. */
   remove(): void;
+  /** Detach the port but leave the link open, to attach it elsewhere (another switch). */
+  detach(): void;
 }
 
 interface Entry {
@@ -52,6 +54,10 @@ class PortImpl implements SwitchPort, LinkReceiver {
 
   remove(): void {
     this.sw.removePort(this);
+  }
+
+  detach(): void {
+    this.sw.detachPort(this);
   }
 }
 
@@ -193,6 +199,12 @@ export class Switch {
     this.opts.counters.inc('switch.port_down');
     this.detach(p);
     this.opts.onPortDown?.(p, reason);
+  }
+
+  /** @internal */
+  detachPort(p: PortImpl): void {
+    if (p.removed) return;
+    this.detach(p);
   }
 
   /** @internal */

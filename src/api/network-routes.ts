@@ -52,8 +52,9 @@ function hostText(h: string): string {
   return h.includes(':') ? `[${h}]` : h;
 }
 
-export function registerNetworkRoutes(app: Api, net: Network): void {
-  app.addSchema(ErrorBody);
+export function registerNetworkRoutes(app: Api, net: Network, opts: { v1Prefix?: string } = {}): void {
+  const v1 = opts.v1Prefix ?? '/v1';
+  if (!app.getSchema('Error')) app.addSchema(ErrorBody);
 
   // ---- gvisor-tap-vsock compatible ----
   app.post('/services/forwarder/expose', { schema: { tags: ['gvisor-tap-vsock'], body: GvForward } }, async (req, reply) => {
@@ -96,7 +97,7 @@ export function registerNetworkRoutes(app: Api, net: Network): void {
   });
 
   // ---- tender /v1 ----
-  app.get('/v1/forwards', { schema: { tags: ['forwards'], response: { 200: Type.Array(ForwardT) } } }, async () => net.forwards.list());
+  app.get(`${v1}/forwards`, { schema: { tags: ['forwards'], response: { 200: Type.Array(ForwardT) } } }, async () => net.forwards.list());
 
   const AddForward = Type.Object(
     {
@@ -105,7 +106,7 @@ export function registerNetworkRoutes(app: Api, net: Network): void {
     },
     { additionalProperties: false },
   );
-  app.post('/v1/forwards', { schema: { tags: ['forwards'], body: AddForward, response: { 201: Type.Array(ForwardT), ...errorResponses } } }, async (req, reply) => {
+  app.post(`${v1}/forwards`, { schema: { tags: ['forwards'], body: AddForward, response: { 201: Type.Array(ForwardT), ...errorResponses } } }, async (req, reply) => {
     let specs: ForwardSpec[];
     try {
       specs = parseForwardSpec(req.body.spec);
@@ -131,7 +132,7 @@ export function registerNetworkRoutes(app: Api, net: Network): void {
     hostIp: Type.String({ maxLength: 64 }),
     hostPort: Type.String({ pattern: '^[0-9]{1,5}$' }),
   });
-  app.delete('/v1/forwards/:protocol/:hostIp/:hostPort', { schema: { tags: ['forwards'], params: DelParams, response: { 200: ForwardT, ...errorResponses } } }, async (req) => {
+  app.delete(`${v1}/forwards/:protocol/:hostIp/:hostPort`, { schema: { tags: ['forwards'], params: DelParams, response: { 200: ForwardT, ...errorResponses } } }, async (req) => {
     try {
       return net.forwards.remove(req.params.protocol, req.params.hostIp, Number(req.params.hostPort));
     } catch (err) {
@@ -140,17 +141,17 @@ export function registerNetworkRoutes(app: Api, net: Network): void {
   });
 
   const Lease = Type.Object({ ip: Type.String(), mac: Type.String(), hostname: Type.Optional(Type.String()), expiresAt: Type.Number() });
-  app.get('/v1/leases', { schema: { tags: ['dhcp'], response: { 200: Type.Array(Lease) } } }, async () => net.dhcp.leases());
+  app.get(`${v1}/leases`, { schema: { tags: ['dhcp'], response: { 200: Type.Array(Lease) } } }, async () => net.dhcp.leases());
 
   const DnsRecordT = Type.Object({ name: Type.String(), address: Type.String() });
-  app.get('/v1/dns/records', { schema: { tags: ['dns'], response: { 200: Type.Array(DnsRecordT) } } }, async () =>
+  app.get(`${v1}/dns/records`, { schema: { tags: ['dns'], response: { 200: Type.Array(DnsRecordT) } } }, async () =>
     net.dns.records.list().map((r) => ({ name: r.name, address: r.address })),
   );
   const AddRecord = Type.Object(
     { name: Type.String({ minLength: 1, maxLength: 253 }), address: Type.String({ minLength: 2, maxLength: 45 }) },
     { additionalProperties: false },
   );
-  app.post('/v1/dns/records', { schema: { tags: ['dns'], body: AddRecord, response: { 201: DnsRecordT, ...errorResponses } } }, async (req, reply) => {
+  app.post(`${v1}/dns/records`, { schema: { tags: ['dns'], body: AddRecord, response: { 201: DnsRecordT, ...errorResponses } } }, async (req, reply) => {
     if (isIP(req.body.address) === 0) throw new TenderError('BAD_DNS_RECORD', `"${req.body.address}" is not an IP address`);
     if (!net.dns.records.add(req.body.name, req.body.address)) {
       throw new TenderError('BAD_DNS_RECORD', `"${req.body.name}" is not a valid DNS name`);
@@ -158,7 +159,7 @@ export function registerNetworkRoutes(app: Api, net: Network): void {
     return reply.status(201).send({ name: req.body.name.toLowerCase().replace(/\.$/, ''), address: req.body.address });
   });
 
-  app.get('/v1/stats', { schema: { tags: ['stats'] } }, async () => net.stats());
+  app.get(`${v1}/stats`, { schema: { tags: ['stats'] } }, async () => net.stats());
 }
 
 export type AddForwardBody = Static<typeof GvForward>;

@@ -1,0 +1,89 @@
+/**
+ * `tender daemon`: the service in the foreground (systemd/launchd-friendly). It owns the
+ * default network (the userspace stack every nat machine plugs into), the machines, and the
+ * API on $TENDER_HOME/tender.sock. Stopping the daemon leaves machines running; the next
+ * daemon re-adopts them.
+ */
+import { mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { networkConfig } from '../../netstack/config.js';
+import { Network } from '../../netstack/network.js';
+import { registerMachineRoutes } from '../api/machine-routes.js';
+import { registerNetworkRoutes } from '../api/network-routes.js';
+import { type Api, createApi, listenUnix } from '../api/server.js';
+import { TenderError } from '../errors.js';
+import type { Logger } from '../log.js';
+import { EventBus } from './events.js';
+import { type ImageProvider, MachineManager, type MachineManagerOptions } from './machines.js';
+import { type Paths, paths as pathsFor } from './paths.js';
+import type { VmmDriver } from '../vmm/driver.js';
+
+export interface DaemonDeps {
+  driver: VmmDriver;
+  images: ImageProvider;
+  connectAgent?: MachineManagerOptions['connectAgent'];
+  openBridgeTap?: MachineManagerOptions['openBridgeTap'];
+}
+
+export interface Daemon {
+  paths: Paths;
+  network: Network;
+  machines: MachineManager;
+  events: EventBus;
+  api: Api;
+  stop(): Promise<void>;
+}
+
+/** True when something answers on the socket (another daemon). */
+export function socketAlive(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+}
+
+export async function startDaemon(o: { home?: string; log: Logger; deps: DaemonDeps; bootTimeoutMs?: number }): Promise<Daemon> {
+  const p = pathsFor(o.home);
+  mkdirSync(p.home, { recursive: true, mode: 0o700 });
+  if (await socketAlive(p.socket)) throw new TenderError('MACHINE_STATE', `a tender daemon is already running on ${p.socket}`);
+  const events = new EventBus();
+  const network = new Network({ config: networkConfig({}), log: o.log.child({ component: 'net' }) });
+  const machines = new MachineManager({
+    paths: p,
+    network,
+    driver: o.deps.driver,
+    images: o.deps.images,
+    events,
+    log: o.log.child({ component: 'machines' }),
+    connectAgent: o.deps.connectAgent,
+    openBridgeTap: o.deps.openBridgeTap,
+    bootTimeoutMs: o.bootTimeoutMs,
+  });
+  await machines.load();
+  const api = await createApi({ log: o.log, title: 'tender daemon API' });
+  registerNetworkRoutes(api, network, { v1Prefix: '/v1/network' });
+  registerMachineRoutes(api, machines, events);
+  await listenUnix(api, p.socket);
+  writeFileSync(p.pidFile, `${process.pid}\n`);
+  o.log.info({ socket: p.socket, machines: machines.names().length }, 'daemon ready');
+  let stopped = false;
+  return {
+    paths: p,
+    network,
+    machines,
+    events,
+    api,
+    async stop() {
+      if (stopped) return;
+      stopped = true;
+      await api.close();
+      await machines.close();
+      network.close();
+      rmSync(p.pidFile, { force: true });
+    },
+  };
+}

@@ -1,0 +1,708 @@
+/**
+ * Machines: create, start, stop, remove, and keep track of them across daemon restarts.
+ *
+ * A machine is a directory under $TENDER_HOME/machines/NAME with machine.json (what the user
+ * asked for) and state.json (pid, address, last exit). Starting one attaches its NIC to the
+ * network (nat: a port on the daemon's virtual switch; bridged: a private switch joining it
+ * to a host TAP enslaved to the bridge), starts the VMM, connects to the guest agent, and
+ * waits for the agent's hello and a DHCP lease. The VMM's exit, expected or not, is noticed
+ * and recorded with its reason.
+ *
+ * Everything the VMM talks to survives a daemon restart: the NIC is a unix datagram socket
+ * (no connection to lose; QEMU sends to the path), and the agent and control sockets are
+ * served by the VMM, so a new daemon reconnects and re-adopts running machines.
+ */
+import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { ip4, mac as parseMac } from '../../netstack/addr.js';
+import { DatagramLink } from '../../netstack/link/datagram.js';
+import type { Link } from '../../netstack/link/link.js';
+import { Switch, type SwitchPort } from '../../netstack/link/switch.js';
+import type { Network } from '../../netstack/network.js';
+import { ForwardSpecError, parseForwardSpec, formatForward } from '../../netstack/services/forward-spec.js';
+import { ForwardError, type Forward } from '../../netstack/services/forwards.js';
+import { TenderError } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { ExitInfo, MachineSpec, VmmDriver, VmmInstance } from '../vmm/driver.js';
+import { readJson, writeFileAtomic } from './atomic.js';
+import type { EventBus } from './events.js';
+import { type MachineConfig, type MachineRuntime, type NetMode, applySetting, formatNet, newMac, validateName } from './machine-config.js';
+import { type Paths, machineDir } from './paths.js';
+
+/** What the daemon needs from a guest agent connection (src/agent implements it). */
+export interface AgentSession {
+  /** Resolves on the agent's hello; rejects if the channel closes first. */
+  readonly ready: Promise<unknown>;
+  onListeners(fn: (ls: { proto: 'tcp' | 'udp'; address: string; port: number }[]) => void): void;
+  poweroff(): Promise<void>;
+  close(): void;
+}
+
+export interface ImageProvider {
+  /** Kernel and initrd (or disk) for a machine's image, building the default image on first use. */
+  resolve(cfg: MachineConfig, onProgress?: (msg: string) => void): Promise<{ kernel: string; initrd?: string; disk?: string }>;
+}
+
+export interface CreateInput {
+  name: string;
+  cpus?: number;
+  memoryMiB?: number;
+  image?: string;
+  kernel?: string;
+  initrd?: string;
+  disk?: string;
+  net?: NetMode;
+  forwards?: string[];
+  accel?: 'auto' | 'kvm' | 'tcg';
+  autoForward?: boolean;
+}
+
+export interface MachineInfo {
+  name: string;
+  state: string;
+  ip: string | null;
+  cpus: number;
+  memoryMiB: number;
+  net: string;
+  mac: string;
+  image: string;
+  accel: string | null;
+  pid: number | null;
+  forwards: Forward[];
+  autoForwards: Forward[];
+  agent: string;
+  lastExit: { reason: string; at: string } | null;
+  dir: string;
+  createdAt: string;
+}
+
+interface Live {
+  instance: VmmInstance | null;
+  link: Link | null;
+  port: SwitchPort | null;
+  /** Bridged mode: the private switch and the host TAP port. */
+  bridge: { sw: Switch; tap: SwitchPort } | null;
+  agent: AgentSession | null;
+  agentReady: boolean;
+  forwards: Forward[];
+  autoForwards: Map<string, Forward>;
+  stopping: boolean;
+  /** Resolves when an address is known. */
+  addressWaiters: ((ip: string) => void)[];
+}
+
+export interface MachineManagerOptions {
+  paths: Paths;
+  network: Network;
+  driver: VmmDriver;
+  images: ImageProvider;
+  events: EventBus;
+  log: Logger;
+  /** Connect to the agent channel the VMM serves at `path`; null when no agent is expected. */
+  connectAgent?: (path: string, onGone: () => void) => AgentSession;
+  /** Creates the host TAP for bridged mode (injectable; needs root). */
+  openBridgeTap?: (name: string, bridge: string) => Promise<Link>;
+  /** How long `start` waits for the agent and the address. */
+  bootTimeoutMs?: number;
+}
+
+export class MachineManager {
+  private readonly configs = new Map<string, MachineConfig>();
+  private readonly runtime = new Map<string, MachineRuntime>();
+  private readonly live = new Map<string, Live>();
+  private readonly locks = new Map<string, Promise<unknown>>();
+
+  constructor(private readonly o: MachineManagerOptions) {
+    o.network.on('lease', (l) => {
+      if (l.event !== 'bound') return;
+      for (const [name, cfg] of this.configs) if (cfg.mac === l.mac && cfg.net.mode === 'nat') this.addressLearned(name, l.ip);
+    });
+  }
+
+  // ---------------- persistence ----------------
+
+  private dir(name: string): string {
+    return machineDir(this.o.paths, name);
+  }
+
+  private saveConfig(cfg: MachineConfig): void {
+    writeFileAtomic(join(this.dir(cfg.name), 'machine.json'), JSON.stringify(cfg, null, 2) + '\n');
+  }
+
+  private saveRuntime(name: string): void {
+    const rt = this.runtime.get(name);
+    if (rt && existsSync(this.dir(name))) writeFileAtomic(join(this.dir(name), 'state.json'), JSON.stringify(rt, null, 2) + '\n');
+  }
+
+  private setState(name: string, state: MachineRuntime['state'], reason?: string): void {
+    const rt = this.runtime.get(name) ?? { state };
+    rt.state = state;
+    this.runtime.set(name, rt);
+    this.saveRuntime(name);
+    this.o.events.publish({ type: 'machine.state', machine: name, state, reason });
+    this.o.log.info({ machine: name, state, reason }, 'machine state');
+  }
+
+  /** Read every machine from disk and re-adopt the ones whose VMM still runs. */
+  async load(): Promise<void> {
+    mkdirSync(this.o.paths.machines, { recursive: true });
+    for (const name of readdirSync(this.o.paths.machines)) {
+      const cfg = readJson<MachineConfig>(join(this.dir(name), 'machine.json'));
+      if (cfg === null || cfg.name !== name) continue;
+      this.configs.set(name, cfg);
+      const rt = readJson<MachineRuntime>(join(this.dir(name), 'state.json')) ?? { state: 'stopped' };
+      this.runtime.set(name, rt);
+      if ((rt.state === 'running' || rt.state === 'starting' || rt.state === 'stopping') && rt.pid) {
+        await this.adopt(cfg, rt).catch((err) => {
+          this.o.log.warn({ machine: name, err: String(err) }, 'could not re-adopt machine');
+          rt.lastExit = { reason: `could not re-adopt: ${(err as Error).message}`, at: new Date().toISOString() };
+          rt.state = 'crashed';
+          delete rt.pid;
+          this.saveRuntime(name);
+        });
+      } else if (rt.state !== 'stopped' && rt.state !== 'crashed') {
+        rt.state = 'stopped';
+        this.saveRuntime(name);
+      }
+    }
+  }
+
+  private async adopt(cfg: MachineConfig, rt: MachineRuntime): Promise<void> {
+    const spec = await this.spec(cfg, { kernel: '', initrd: undefined });
+    const instance = await this.o.driver.adopt(spec, rt.pid!);
+    if (instance === null) {
+      rt.lastExit = { reason: 'exited while tender was not running', at: new Date().toISOString() };
+      rt.state = 'crashed';
+      delete rt.pid;
+      this.saveRuntime(cfg.name);
+      return;
+    }
+    const live = this.newLive();
+    this.live.set(cfg.name, live);
+    live.instance = instance;
+    await this.attachNet(cfg, live);
+    this.watchExit(cfg.name, instance);
+    this.connectAgent(cfg.name, spec, live);
+    if (rt.ip) this.addressLearned(cfg.name, rt.ip);
+    this.o.log.info({ machine: cfg.name, pid: rt.pid }, 're-adopted running machine');
+  }
+
+  // ---------------- queries ----------------
+
+  names(): string[] {
+    return [...this.configs.keys()].sort();
+  }
+
+  private get(name: string): MachineConfig {
+    const cfg = this.configs.get(name);
+    if (!cfg) throw new TenderError('MACHINE_NOT_FOUND', `no machine named "${name}"`);
+    return cfg;
+  }
+
+  inspect(name: string): MachineInfo {
+    const cfg = this.get(name);
+    const rt = this.runtime.get(name) ?? { state: 'stopped' };
+    const live = this.live.get(name);
+    return {
+      name,
+      state: rt.state,
+      ip: rt.ip ?? null,
+      cpus: cfg.cpus,
+      memoryMiB: cfg.memoryMiB,
+      net: formatNet(cfg.net),
+      mac: cfg.mac,
+      image: cfg.disk ? `disk:${cfg.disk}` : cfg.kernel ? `kernel:${cfg.kernel}` : (cfg.image ?? 'default'),
+      accel: rt.accel ?? null,
+      pid: rt.pid ?? null,
+      forwards: live?.forwards ?? [],
+      autoForwards: [...(live?.autoForwards.values() ?? [])],
+      agent: live?.agentReady ? `connected (${rt.agentChannel ?? 'virtio-serial'})` : live?.agent ? 'connecting' : 'not connected',
+      lastExit: rt.lastExit ?? null,
+      dir: this.dir(name),
+      createdAt: cfg.createdAt,
+    };
+  }
+
+  list(): MachineInfo[] {
+    return this.names().map((n) => this.inspect(n));
+  }
+
+  config(name: string): MachineConfig {
+    return { ...this.get(name) };
+  }
+
+  // ---------------- lifecycle ----------------
+
+  /** Serialize operations per machine (start while stopping, two starts, ...). */
+  private serial<T>(name: string, f: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(name) ?? Promise.resolve();
+    const next = prev.then(f, f);
+    this.locks.set(name, next.catch(() => {}));
+    return next;
+  }
+
+  create(input: CreateInput): MachineInfo {
+    const name = validateName(input.name);
+    if (this.configs.has(name) || existsSync(this.dir(name))) throw new TenderError('MACHINE_EXISTS', `a machine named "${name}" already exists`);
+    for (const f of [input.kernel, input.initrd, input.disk]) {
+      if (f !== undefined && !existsSync(f)) throw new TenderError('FILE_NOT_FOUND', `${f} does not exist`);
+    }
+    if (input.initrd && !input.kernel) throw new TenderError('BAD_ARGUMENT', '--initrd needs --kernel');
+    if (input.image && input.image !== 'default' && !existsSync(input.image)) throw new TenderError('FILE_NOT_FOUND', `image directory ${input.image} does not exist`);
+    const forwards: string[] = [];
+    for (const f of input.forwards ?? []) {
+      try {
+        for (const s of parseForwardSpec(f)) forwards.push(formatForward(s));
+      } catch (err) {
+        if (err instanceof ForwardSpecError) throw new TenderError('BAD_FORWARD_SPEC', err.message);
+        throw err;
+      }
+    }
+    const cfg: MachineConfig = {
+      version: 1,
+      name,
+      createdAt: new Date().toISOString(),
+      cpus: input.cpus ?? 1,
+      memoryMiB: input.memoryMiB ?? 512,
+      image: input.kernel || input.disk ? undefined : (input.image ?? 'default'),
+      kernel: input.kernel,
+      initrd: input.initrd,
+      disk: input.disk,
+      net: input.net ?? { mode: 'nat' },
+      mac: newMac(),
+      forwards,
+      autoForward: input.autoForward ?? true,
+      accel: input.accel ?? 'auto',
+    };
+    mkdirSync(this.dir(name), { recursive: true, mode: 0o700 });
+    this.saveConfig(cfg);
+    this.configs.set(name, cfg);
+    this.runtime.set(name, { state: 'stopped' });
+    this.saveRuntime(name);
+    this.o.events.publish({ type: 'machine.created', machine: name });
+    return this.inspect(name);
+  }
+
+  set(name: string, settings: string[]): MachineInfo {
+    let cfg = this.get(name);
+    for (const kv of settings) cfg = applySetting(cfg, kv);
+    this.saveConfig(cfg);
+    this.configs.set(name, cfg);
+    return this.inspect(name);
+  }
+
+  private newLive(): Live {
+    return {
+      instance: null,
+      link: null,
+      port: null,
+      bridge: null,
+      agent: null,
+      agentReady: false,
+      forwards: [],
+      autoForwards: new Map(),
+      stopping: false,
+      addressWaiters: [],
+    };
+  }
+
+  private async spec(cfg: MachineConfig, img: { kernel: string; initrd?: string; disk?: string }): Promise<MachineSpec> {
+    const dir = this.dir(cfg.name);
+    return {
+      name: cfg.name,
+      dir,
+      cpus: cfg.cpus,
+      memoryMiB: cfg.memoryMiB,
+      kernel: img.kernel,
+      initrd: img.initrd,
+      disk: img.disk,
+      cmdline: [`tender.hostname=${cfg.name}`],
+      accel: cfg.accel,
+      net: { kind: 'dgram', mac: cfg.mac, localPath: join(dir, 'vmm-net.sock'), remotePath: join(dir, 'net.sock') },
+      agent: this.o.connectAgent ? { kind: 'virtio-serial', path: join(dir, 'agent.sock') } : { kind: 'none' },
+      serialLog: join(dir, 'serial.log'),
+      controlSocket: join(dir, 'control.sock'),
+    };
+  }
+
+  start(name: string, opts: { wait?: boolean; onProgress?: (msg: string) => void } = {}): Promise<MachineInfo> {
+    return this.serial(name, async () => {
+      const cfg = this.get(name);
+      const rt = this.runtime.get(name)!;
+      if (rt.state === 'running' || rt.state === 'starting') return this.inspect(name);
+      let img: { kernel: string; initrd?: string; disk?: string };
+      try {
+        img = await this.o.images.resolve(cfg, opts.onProgress);
+      } catch (err) {
+        throw err instanceof TenderError ? err : new TenderError('IMAGE_UNAVAILABLE', (err as Error).message, { cause: err });
+      }
+      const spec = await this.spec(cfg, img);
+      const live = this.newLive();
+      this.live.set(name, live);
+      delete rt.ip;
+      this.setState(name, 'starting');
+      try {
+        await this.attachNet(cfg, live);
+        opts.onProgress?.('starting the VMM');
+        const accel = cfg.accel === 'auto' ? await this.o.driver.resolveAccel(spec) : { accel: cfg.accel };
+        if ('warning' in accel && accel.warning) this.o.log.warn({ machine: name }, accel.warning);
+        rt.accel = accel.accel;
+        const instance = await this.o.driver.start({ ...spec, accel: accel.accel });
+        live.instance = instance;
+        rt.pid = instance.pid;
+        rt.startedAt = new Date().toISOString();
+        rt.agentChannel = spec.agent.kind;
+        this.saveRuntime(name);
+        this.watchExit(name, instance);
+        this.connectAgent(name, spec, live);
+      } catch (err) {
+        this.detachNet(live);
+        this.live.delete(name);
+        rt.lastExit = { reason: `failed to start: ${(err as Error).message}`, at: new Date().toISOString() };
+        this.setState(name, 'crashed', rt.lastExit.reason);
+        throw err instanceof TenderError ? err : new TenderError('VMM_FAILED', (err as Error).message, { cause: err });
+      }
+      if (opts.wait === false) return this.inspect(name);
+      opts.onProgress?.('waiting for the guest agent and an address');
+      await this.waitBooted(name, live);
+      return this.inspect(name);
+    });
+  }
+
+  /** Running = the agent said hello (or there is no agent) and, for nat, DHCP gave an address. */
+  private async waitBooted(name: string, live: Live): Promise<void> {
+    const timeout = this.o.bootTimeoutMs ?? 180_000;
+    const cfg = this.get(name);
+    const exited = live.instance!.exited.then((e) => {
+      throw new TenderError('VMM_FAILED', `the machine stopped while booting: ${e.reason}`);
+    });
+    const address =
+      cfg.net.mode === 'nat' && !this.runtime.get(name)?.ip ? new Promise<string>((r) => live.addressWaiters.push(r)) : Promise.resolve('');
+    const agent = live.agent ? live.agent.ready : Promise.resolve();
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<never>((_, rej) => {
+      timer = setTimeout(() => rej(new TenderError('VMM_FAILED', `the machine did not finish booting within ${Math.round(timeout / 1000)} s (see tender machine logs ${name})`)), timeout);
+    });
+    try {
+      await Promise.race([Promise.all([address, agent]), exited, timedOut]);
+    } finally {
+      clearTimeout(timer);
+      exited.catch(() => {});
+    }
+    if (this.runtime.get(name)?.state === 'starting') this.setState(name, 'running');
+  }
+
+  private watchExit(name: string, instance: VmmInstance): void {
+    void instance.exited.then((info: ExitInfo) => {
+      const live = this.live.get(name);
+      if (!live || live.instance !== instance) return;
+      const rt = this.runtime.get(name)!;
+      const expected = live.stopping;
+      this.teardown(name, live);
+      rt.lastExit = { reason: info.reason, at: new Date().toISOString() };
+      delete rt.pid;
+      this.setState(name, expected ? 'stopped' : 'crashed', info.reason);
+    });
+  }
+
+  private teardown(name: string, live: Live): void {
+    live.agent?.close();
+    live.agent = null;
+    live.agentReady = false;
+    for (const f of [...live.forwards, ...live.autoForwards.values()]) {
+      try {
+        this.o.network.forwards.remove(f.protocol, f.hostIp, f.hostPort);
+      } catch {
+        // already gone
+      }
+    }
+    live.forwards = [];
+    live.autoForwards.clear();
+    this.detachNet(live);
+    this.live.delete(name);
+  }
+
+  stop(name: string, opts: { force?: boolean; timeoutMs?: number } = {}): Promise<MachineInfo> {
+    return this.serial(name, async () => {
+      this.get(name);
+      const live = this.live.get(name);
+      if (!live || !live.instance) return this.inspect(name);
+      live.stopping = true;
+      this.setState(name, 'stopping');
+      const instance = live.instance;
+      if (opts.force) {
+        await instance.kill();
+      } else {
+        // The agent powers off cleanly (sync, then the kernel's power-off); the VMM's own
+        // shutdown path covers a guest without an agent; both end in a kill after the timeout.
+        if (live.agentReady && live.agent) await live.agent.poweroff().catch(() => {});
+        await instance.shutdown(opts.timeoutMs ?? 30_000);
+      }
+      await instance.exited;
+      return this.inspect(name);
+    });
+  }
+
+  async restart(name: string, opts: { wait?: boolean } = {}): Promise<MachineInfo> {
+    await this.stop(name);
+    return this.start(name, opts);
+  }
+
+  remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
+    return this.serial(name, async () => {
+      this.get(name);
+      const live = this.live.get(name);
+      if (live?.instance) {
+        if (!opts.force) throw new TenderError('MACHINE_STATE', `machine "${name}" is running: stop it first, or use --force`);
+        live.stopping = true;
+        await live.instance.kill();
+        await live.instance.exited;
+      }
+      this.configs.delete(name);
+      this.runtime.delete(name);
+      rmSync(this.dir(name), { recursive: true, force: true });
+      this.o.events.publish({ type: 'machine.removed', machine: name });
+    });
+  }
+
+  // ---------------- network ----------------
+
+  private async attachNet(cfg: MachineConfig, live: Live): Promise<void> {
+    const dir = this.dir(cfg.name);
+    const link = DatagramLink.connect(join(dir, 'net.sock'), join(dir, 'vmm-net.sock'), { name: `machine:${cfg.name}`, counters: this.o.network.counters });
+    live.link = link;
+    if (cfg.net.mode === 'nat') {
+      live.port = this.o.network.addLink(link);
+    } else {
+      await this.bridgeTo(cfg.name, live, cfg.net.bridge);
+    }
+  }
+
+  private async bridgeTo(name: string, live: Live, bridge: string): Promise<void> {
+    if (!this.o.openBridgeTap) throw new TenderError('BAD_ARGUMENT', 'bridged networking is not available in this daemon');
+    const tap = await this.o.openBridgeTap(name, bridge);
+    const sw = new Switch({ clock: this.o.network.clock, counters: this.o.network.counters });
+    const tapPort = sw.addPort(tap);
+    live.port = sw.addPort(live.link!);
+    live.bridge = { sw, tap: tapPort };
+  }
+
+  private detachNet(live: Live): void {
+    live.port?.remove();
+    live.port = null;
+    live.bridge?.sw.close();
+    live.bridge = null;
+    live.link = null;
+  }
+
+  /** `tender net bridge NAME --to BRIDGE | --off`: re-wire the running NIC live; persist for next start. */
+  async setNet(name: string, net: NetMode): Promise<MachineInfo> {
+    return this.serial(name, async () => {
+      const cfg = this.get(name);
+      const live = this.live.get(name);
+      if (live?.link && live.port) {
+        // Move the same link between switches: the guest keeps its NIC, only where its frames go changes.
+        live.port.detach();
+        live.bridge?.sw.close();
+        live.bridge = null;
+        if (net.mode === 'nat') live.port = this.o.network.addLink(live.link);
+        else await this.bridgeTo(name, live, net.bridge);
+        delete this.runtime.get(name)!.ip;
+      }
+      const next = { ...cfg, net };
+      this.saveConfig(next);
+      this.configs.set(name, next);
+      return this.inspect(name);
+    });
+  }
+
+  private addressLearned(name: string, ip: string): void {
+    const rt = this.runtime.get(name);
+    const live = this.live.get(name);
+    if (!rt || !live) return;
+    const changed = rt.ip !== ip;
+    rt.ip = ip;
+    this.saveRuntime(name);
+    this.o.network.addHost(name, ip4(ip));
+    if (changed) this.o.events.publish({ type: 'machine.address', machine: name, ip });
+    for (const w of live.addressWaiters.splice(0)) w(ip);
+    void this.applyForwards(name, live, ip);
+  }
+
+  private async applyForwards(name: string, live: Live, ip: string): Promise<void> {
+    const cfg = this.get(name);
+    for (const f of live.forwards.splice(0)) {
+      try {
+        this.o.network.forwards.remove(f.protocol, f.hostIp, f.hostPort);
+      } catch {
+        // gone
+      }
+    }
+    for (const text of cfg.forwards) {
+      for (const spec of parseForwardSpec(text)) {
+        try {
+          live.forwards.push(await this.o.network.forwards.add(spec, ip4(ip)));
+          this.o.events.publish({ type: 'forward.added', machine: name, spec: text, auto: false });
+        } catch (err) {
+          this.o.log.warn({ machine: name, forward: text, err: (err as Error).message }, 'forward not applied');
+        }
+      }
+    }
+  }
+
+  /** Active forwards of running machines; for a stopped machine, the configured ones. */
+  listForwards(name?: string): (Forward & { machine: string; auto: boolean; active: boolean })[] {
+    const out: (Forward & { machine: string; auto: boolean; active: boolean })[] = [];
+    for (const n of name ? [this.get(name).name] : this.names()) {
+      const live = this.live.get(n);
+      if (live && live.forwards.length > 0) {
+        for (const f of live.forwards) out.push({ ...f, machine: n, auto: false, active: true });
+      } else {
+        for (const text of this.get(n).forwards) {
+          for (const s of parseForwardSpec(text)) {
+            out.push({ ...s, guestIp: this.runtime.get(n)?.ip ?? '', spec: formatForward(s), machine: n, auto: false, active: false });
+          }
+        }
+      }
+      for (const f of live?.autoForwards.values() ?? []) out.push({ ...f, machine: n, auto: true, active: true });
+    }
+    return out;
+  }
+
+  async addForward(name: string, specText: string): Promise<Forward[]> {
+    const cfg = this.get(name);
+    let specs;
+    try {
+      specs = parseForwardSpec(specText);
+    } catch (err) {
+      if (err instanceof ForwardSpecError) throw new TenderError('BAD_FORWARD_SPEC', err.message);
+      throw err;
+    }
+    const live = this.live.get(name);
+    const ip = this.runtime.get(name)?.ip;
+    const added: Forward[] = [];
+    if (live && ip) {
+      try {
+        for (const s of specs) added.push(await this.o.network.forwards.add(s, ip4(ip)));
+      } catch (err) {
+        for (const a of added) this.o.network.forwards.remove(a.protocol, a.hostIp, a.hostPort);
+        if (err instanceof ForwardError) throw new TenderError(err.code, err.message);
+        throw err;
+      }
+      live.forwards.push(...added);
+    }
+    // Persist what the user asked for, with a free port pinned once it was chosen.
+    const texts = added.length ? added.map((a) => a.spec) : specs.map((s) => formatForward(s));
+    const next = { ...cfg, forwards: [...cfg.forwards, ...texts] };
+    this.saveConfig(next);
+    this.configs.set(name, next);
+    for (const t of texts) this.o.events.publish({ type: 'forward.added', machine: name, spec: t, auto: false });
+    return added.length ? added : specs.map((s) => ({ protocol: s.protocol, hostIp: s.hostIp, hostPort: s.hostPort, guestIp: ip ?? '', guestPort: s.guestPort, spec: formatForward(s) }));
+  }
+
+  removeForward(name: string, specText: string): void {
+    const cfg = this.get(name);
+    let specs;
+    try {
+      specs = parseForwardSpec(specText);
+    } catch (err) {
+      if (err instanceof ForwardSpecError) throw new TenderError('BAD_FORWARD_SPEC', err.message);
+      throw err;
+    }
+    const live = this.live.get(name);
+    let found = false;
+    for (const s of specs) {
+      const matches = (t: string) => {
+        const [p] = parseForwardSpec(t);
+        return p!.protocol === s.protocol && p!.hostIp === s.hostIp && p!.hostPort === s.hostPort && p!.guestPort === s.guestPort;
+      };
+      const before = cfg.forwards.length;
+      cfg.forwards = cfg.forwards.filter((t) => !matches(t));
+      if (cfg.forwards.length !== before) found = true;
+      if (live) {
+        for (const f of live.forwards.filter((f) => f.protocol === s.protocol && f.hostIp === s.hostIp && f.hostPort === s.hostPort)) {
+          this.o.network.forwards.remove(f.protocol, f.hostIp, f.hostPort);
+          live.forwards.splice(live.forwards.indexOf(f), 1);
+          found = true;
+        }
+      }
+    }
+    if (!found) throw new TenderError('FORWARD_NOT_FOUND', `machine "${name}" has no forward ${specText}`);
+    this.saveConfig(cfg);
+    this.o.events.publish({ type: 'forward.removed', machine: name, spec: specText, auto: false });
+  }
+
+  // ---------------- agent ----------------
+
+  private connectAgent(name: string, spec: MachineSpec, live: Live): void {
+    if (!this.o.connectAgent || spec.agent.kind !== 'virtio-serial') return;
+    const session = this.o.connectAgent(spec.agent.path, () => {
+      live.agentReady = false;
+    });
+    live.agent = session;
+    session.ready.then(
+      () => {
+        live.agentReady = true;
+        this.o.log.info({ machine: name }, 'guest agent connected');
+      },
+      () => {},
+    );
+    session.onListeners((ls) => void this.syncAutoForwards(name, live, ls));
+  }
+
+  agentOf(name: string): AgentSession {
+    this.get(name);
+    const live = this.live.get(name);
+    if (!live?.agent || !live.agentReady) throw new TenderError('AGENT_UNAVAILABLE', `the guest agent of "${name}" is not connected`);
+    return live.agent;
+  }
+
+  /** Lima-style automatic forwards: a guest listener gets 127.0.0.1:PORT on the host when that port is free. */
+  private async syncAutoForwards(name: string, live: Live, ls: { proto: 'tcp' | 'udp'; address: string; port: number }[]): Promise<void> {
+    const cfg = this.get(name);
+    const ip = this.runtime.get(name)?.ip;
+    if (!cfg.autoForward || !ip || cfg.net.mode !== 'nat') return;
+    const want = new Map<string, { proto: 'tcp' | 'udp'; port: number }>();
+    for (const l of ls) {
+      // Loopback-only guest listeners are reachable too: tender's connections arrive on eth0,
+      // so only listeners on the guest's own loopback address can't be served; skip those.
+      if (l.address.startsWith('127.') || l.address === '::1') continue;
+      if (l.proto !== 'tcp') continue;
+      want.set(`${l.proto}:${l.port}`, l);
+    }
+    for (const [k, f] of live.autoForwards) {
+      if (!want.has(k)) {
+        live.autoForwards.delete(k);
+        try {
+          this.o.network.forwards.remove(f.protocol, f.hostIp, f.hostPort);
+        } catch {
+          // gone
+        }
+        this.o.events.publish({ type: 'forward.removed', machine: name, spec: f.spec, auto: true });
+      }
+    }
+    for (const [k, l] of want) {
+      if (live.autoForwards.has(k)) continue;
+      // Explicit forwards win.
+      if (live.forwards.some((f) => f.guestPort === l.port && f.protocol === l.proto)) continue;
+      try {
+        const f = await this.o.network.forwards.add({ protocol: l.proto, hostIp: '127.0.0.1', hostPort: l.port, guestPort: l.port }, ip4(ip));
+        live.autoForwards.set(k, f);
+        this.o.events.publish({ type: 'forward.added', machine: name, spec: f.spec, auto: true });
+      } catch {
+        // Port busy on the host: no automatic forward (as Lima does).
+      }
+    }
+  }
+
+  async close(): Promise<void> {
+    // The daemon going away leaves machines running (they are re-adopted); only drop our side.
+    for (const live of this.live.values()) {
+      live.agent?.close();
+      this.detachNet(live);
+    }
+    this.live.clear();
+  }
+}
+
+export { parseMac };
