@@ -8,6 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, Option } from 'commander';
 import { serveNetns } from './commands/netns.js';
 import { runDemo } from './commands/demo.js';
+import { registerMachineCommands } from './commands/machine.js';
 import { TenderError } from './errors.js';
 import { createLogger } from './log.js';
 
@@ -62,13 +63,15 @@ export function buildProgram(): Command {
       await runDemo({ keep: !!opts.keep });
     });
 
+  registerMachineCommands(program);
   return program;
 }
 
 export async function main(argv = process.argv): Promise<number> {
   try {
     await buildProgram().parseAsync(argv);
-    return 0;
+    // Commands that pass on a status of their own (exec) set process.exitCode.
+    return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (err) {
     if (err instanceof CommanderError) {
       if (err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help') return 0;

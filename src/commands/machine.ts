@@ -5,6 +5,7 @@ import { Command, Option } from 'commander';
 import { Client } from '../client.js';
 import type { MachineInfo } from '../daemon/machines.js';
 import { TenderError } from '../errors.js';
+import { runExec } from './exec.js';
 import { progress, table } from './table.js';
 
 const collect = (v: string, prev: string[]) => [...prev, v];
@@ -180,6 +181,32 @@ export function registerMachineCommands(program: Command): void {
       const m = await c().request<MachineInfo>('PATCH', `/v1/machines/${encodeURIComponent(name)}`, { settings });
       if (o.json) json(m);
       else out(`${m.name}\n`);
+    });
+
+  machine
+    .command('exec')
+    .argument('<name>')
+    .argument('<command...>', 'the command and its arguments (after --)')
+    .description('run a command in the machine; its output is streamed and its exit status returned')
+    .option('-t, --tty', 'allocate a terminal')
+    .option('-e, --env <KEY=VALUE>', 'environment variable (repeatable)', collect, [])
+    .option('-w, --workdir <dir>', 'working directory')
+    .action(async (name: string, command: string[], o) => {
+      const env: Record<string, string> = {};
+      for (const kv of o.env as string[]) {
+        const i = kv.indexOf('=');
+        if (i <= 0) throw new TenderError('BAD_ARGUMENT', `--env wants KEY=VALUE, got "${kv}"`);
+        env[kv.slice(0, i)] = kv.slice(i + 1);
+      }
+      process.exitCode = await runExec(name, command, { tty: !!o.tty, env, cwd: o.workdir });
+    });
+
+  machine
+    .command('shell')
+    .argument('<name>')
+    .description('an interactive shell in the machine (with a terminal)')
+    .action(async (name: string) => {
+      process.exitCode = await runExec(name, ['/bin/sh', '-l'], { tty: true, env: { TERM: process.env.TERM ?? 'xterm' } });
     });
 
   const forward = program.command('forward').description('port forwards of machines');

@@ -11,6 +11,9 @@ import { Network } from '../../netstack/network.js';
 import { registerMachineRoutes } from '../api/machine-routes.js';
 import { registerNetworkRoutes } from '../api/network-routes.js';
 import { type Api, createApi, listenUnix } from '../api/server.js';
+import type { IncomingMessage } from 'node:http';
+import type { Duplex } from 'node:stream';
+import { errorResponse, parseExecHeader, serveExec, upgradeResponse } from '../api/exec-stream.js';
 import { TenderError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { EventBus } from './events.js';
@@ -67,6 +70,23 @@ export async function startDaemon(o: { home?: string; log: Logger; deps: DaemonD
   const api = await createApi({ log: o.log, title: 'tender daemon API' });
   registerNetworkRoutes(api, network, { v1Prefix: '/v1/network' });
   registerMachineRoutes(api, machines, events);
+  api.server.on('upgrade', (req: IncomingMessage, sock: Duplex) => {
+    // Only exec upgrades exist; anything else is refused like an unknown route.
+    const m = /^\/v1\/machines\/([^/?]+)\/exec(\?.*)?$/.exec(req.url ?? '');
+    if (req.method !== 'POST' || !m || String(req.headers.upgrade).toLowerCase() !== 'tender-exec') {
+      sock.end(errorResponse(404, 'NOT_FOUND', `no upgrade route ${req.method} ${req.url}`));
+      return;
+    }
+    try {
+      const execReq = parseExecHeader(req.headers['x-tender-exec']);
+      const agent = machines.agentOf(decodeURIComponent(m[1]!));
+      sock.write(upgradeResponse());
+      serveExec(sock, agent, execReq);
+    } catch (err) {
+      const e = err instanceof TenderError ? err : new TenderError('INTERNAL', (err as Error).message);
+      sock.end(errorResponse(e.status, e.code, e.message));
+    }
+  });
   await listenUnix(api, p.socket);
   writeFileSync(p.pidFile, `${process.pid}\n`);
   o.log.info({ socket: p.socket, machines: machines.names().length }, 'daemon ready');

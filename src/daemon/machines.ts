@@ -24,6 +24,7 @@ import { ForwardError, type Forward } from '../../netstack/services/forwards.js'
 import { TenderError } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { ExitInfo, MachineSpec, VmmDriver, VmmInstance } from '../vmm/driver.js';
+import type { ExecHandle, ExecOptions } from '../agent/client.js';
 import { readJson, writeFileAtomic } from './atomic.js';
 import type { EventBus } from './events.js';
 import { type MachineConfig, type MachineRuntime, type NetMode, applySetting, formatNet, newMac, validateName } from './machine-config.js';
@@ -35,6 +36,7 @@ export interface AgentSession {
   readonly ready: Promise<unknown>;
   onListeners(fn: (ls: { proto: 'tcp' | 'udp'; address: string; port: number }[]) => void): void;
   poweroff(): Promise<void>;
+  exec(argv: string[], opts: ExecOptions): ExecHandle;
   close(): void;
 }
 

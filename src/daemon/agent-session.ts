@@ -1,0 +1,63 @@
+/**
+ * The daemon's connection to a machine's guest agent: the VMM serves the agent channel on a
+ * unix socket (QEMU's virtio-serial chardev with server=on), and we connect to it, retrying
+ * while the VMM creates it and again whenever the connection drops — so a restarted daemon
+ * simply reconnects. Each connection gets an AgentClient; the agent itself says hello again
+ * after a guest-side reconnect.
+ */
+import net from 'node:net';
+import { AgentClient, type Listener } from '../agent/client.js';
+import { TenderError } from '../errors.js';
+import type { AgentSession } from './machines.js';
+
+export type DaemonAgentSession = AgentSession;
+
+export function connectAgentSession(path: string, onGone: () => void): DaemonAgentSession {
+  let client: AgentClient | null = null;
+  let closed = false;
+  let listenersFn: ((ls: Listener[]) => void) | null = null;
+  let resolveReady!: (v: unknown) => void;
+  const ready = new Promise<unknown>((r) => (resolveReady = r));
+  let delay = 100;
+
+  const connect = () => {
+    if (closed) return;
+    const sock = net.connect(path);
+    sock.once('error', () => {
+      // Not there yet (VMM starting) or gone: retry with backoff until closed.
+      setTimeout(connect, delay).unref();
+      delay = Math.min(delay * 2, 2000);
+    });
+    sock.once('connect', () => {
+      delay = 100;
+      const c = new AgentClient(sock);
+      client = c;
+      c.on('hello', () => resolveReady(c.hello));
+      c.on('listeners', (ls: readonly Listener[]) => listenersFn?.([...ls]));
+      c.on('close', () => {
+        if (client === c) client = null;
+        onGone();
+        if (!closed) setTimeout(connect, 200).unref();
+      });
+    });
+  };
+  connect();
+
+  return {
+    ready,
+    onListeners(fn) {
+      listenersFn = fn;
+    },
+    async poweroff() {
+      await client?.poweroff();
+    },
+    exec(argv, opts) {
+      if (!client || !client.hello) throw new TenderError('AGENT_UNAVAILABLE', 'the guest agent is not connected');
+      return client.exec(argv, opts);
+    },
+    close() {
+      closed = true;
+      client?.close();
+    },
+  };
+}
