@@ -85,4 +85,6 @@ export interface StackContext {
   remove(c: TcpConnection): void;
   /** RFC 5961 §7 rate limit: true if one more challenge ACK may be sent now. */
   allowChallengeAck(): boolean;
+  /** Autocorking: send this connection's held-back partial segment at the end of the I/O turn. */
+  uncorkLater(c: TcpConnection): void;
 }

@@ -65,6 +65,8 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
   bytesIn = 0;
   /** Data bytes acknowledged by the peer. */
   bytesOut = 0;
+  /** Autocorking: queued on the stack's uncork list. */
+  corked = false;
   /** True for connect() (active open); false for an accepted SYN. */
   readonly active: boolean;
 
@@ -211,7 +213,10 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
     }
     if (data.length > 0) {
       this.sndBuf.append(data);
-      output(this);
+      // Corked: a trailing partial segment waits for the end of the I/O turn, when more
+      // writes may have filled it (a host socket delivers 64 KiB reads, which would otherwise
+      // leave a runt segment after every full one).
+      output(this, true);
     }
     const ok = this.sndBuf.length < this.ctx.cfg.sndBuf;
     if (!ok) this.needDrain = true;

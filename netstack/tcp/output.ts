@@ -168,7 +168,7 @@ function unsent(c: TcpConnection): number {
  * Send what may be sent now, then an ACK if one is owed and no segment carried it, then
  * pick the timer. Called after input (at flush), after write()/end(), and from timers.
  */
-export function output(c: TcpConnection): void {
+export function output(c: TcpConnection, cork = false): void {
   switch (c.state) {
     case TcpState.CLOSED:
     case TcpState.SYN_SENT:
@@ -185,13 +185,13 @@ export function output(c: TcpConnection): void {
   }
   let sent = false;
   if (c.inRecovery && c.sackOk) sent = sackRecoverySend(c);
-  if (sendData(c)) sent = true;
+  if (sendData(c, cork)) sent = true;
   if (c.ackNow && !sent) sendAck(c);
   updateTimer(c);
 }
 
 /** Normal transmission from sndNxt, limited by min(peer window, cwnd). */
-function sendData(c: TcpConnection): boolean {
+function sendData(c: TcpConnection, cork = false): boolean {
   let sent = false;
   const tso = c.ctx.ip.tsoMax ?? 0;
   const segMax = tso > c.mss ? Math.floor(tso / c.mss) * c.mss : c.mss;
@@ -215,6 +215,12 @@ function sendData(c: TcpConnection): boolean {
     if (len > 0 && len < c.mss && c.nagle && flight > 0 && !(fin && len === avail)) len = 0;
     const withFin = fin && len === avail;
     if (len === 0 && !withFin) break;
+    // Autocorking (as Linux's tcp_autocorking): a write that leaves a partial segment while
+    // data is in flight holds it until the end of the I/O turn; an ACK or the uncork sends it.
+    if (cork && !withFin && len === avail && len < segMax && flight > 0) {
+      c.ctx.uncorkLater(c);
+      break;
+    }
     // A bare FIN is sent even into a zero window (Linux accepts it, see input.ts).
     const seq = c.sndNxt;
     let flags = ACK;

@@ -27,6 +27,12 @@ export interface TcpStackOptions extends Partial<TcpConfig> {
   ip: Ip4Output;
   /** Initial sequence numbers (RFC 9293 §3.4.1 / RFC 6528); injectable for tests. Default: random. */
   isn?: () => number;
+  /**
+   * Run `fn` once the current I/O turn is over (autocorking, see output.ts). Default
+   * setImmediate: after every descriptor that woke together was served. Not a timer: nothing
+   * waits on the clock.
+   */
+  defer?: (fn: () => void) => void;
 }
 
 /** Options of a received SYN, for the onSyn handler (and logs). */
@@ -115,7 +121,8 @@ export class TcpStack {
   private challengeCount = 0;
 
   constructor(opts: TcpStackOptions) {
-    const { clock, counters, ip, isn, ...rest } = opts;
+    const { clock, counters, ip, isn, defer, ...rest } = opts;
+    const deferFn = defer ?? ((fn: () => void) => void setImmediate(fn));
     this.cfg = { ...DEFAULT_CONFIG, ...stripUndefined(rest) };
     this.clock = clock;
     this.counters = counters;
@@ -134,7 +141,28 @@ export class TcpStack {
       allowChallengeAck() {
         return stack.allowChallengeAck();
       },
+      uncorkLater(c) {
+        if (c.corked) return;
+        c.corked = true;
+        stack.corked.push(c);
+        if (stack.corked.length === 1) deferFn(() => stack.uncork());
+      },
     };
+  }
+
+  private corked: TcpConnection[] = [];
+
+  /** End of the I/O turn: push out what autocorking held back. */
+  private uncork(): void {
+    const list = this.corked;
+    this.corked = [];
+    for (const c of list) {
+      c.corked = false;
+      if (c.state !== TcpState.CLOSED) {
+        output(c);
+        c.emitPending(false);
+      }
+    }
   }
 
   // ---------------- receive ----------------

@@ -50,11 +50,17 @@ describe('TCP ACK policy and Nagle', () => {
     expect(sentFromA()).toEqual([10]); // 20 bytes wait
     p.pump();
     expect(p.log.filter((l) => l.fromA && l.len > 0).map((l) => l.len)).toEqual([10, 20]);
-    const q = new Pair();
+    // Off by default; instead, autocorking holds a small write made while data is in flight
+    // only until the end of the I/O turn (the deferred callback), not until an ACK.
+    const deferred: (() => void)[] = [];
+    const q = new Pair({ defer: (fn: () => void) => deferred.push(fn) });
     const { ca: cq } = q.open();
     cq.write(new Uint8Array(10));
     cq.write(new Uint8Array(10));
-    expect(q.ipA.sent.length).toBe(2); // off by default
+    cq.write(new Uint8Array(10));
+    expect(q.ipA.sent.map((x) => x.seg.length - 32)).toEqual([10]);
+    for (const f of deferred.splice(0)) f();
+    expect(q.ipA.sent.map((x) => x.seg.length - 32)).toEqual([10, 20]);
   });
 });
 
