@@ -1,0 +1,18 @@
+/** Round-trip statistics for the TCP_RR benchmark, in microseconds. */
+export interface RrStats {
+  count: number;
+  meanUs: number;
+  medianUs: number;
+  p99Us: number;
+  minUs: number;
+}
+
+export function summarize(samplesUs: ArrayLike<number>): RrStats {
+  const s = Float64Array.from(samplesUs).sort();
+  const n = s.length;
+  if (n === 0) return { count: 0, meanUs: NaN, medianUs: NaN, p99Us: NaN, minUs: NaN };
+  let sum = 0;
+  for (let i = 0; i < n; i++) sum += s[i];
+  const median = n % 2 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
+  return { count: n, meanUs: sum / n, medianUs: median, p99Us: s[Math.min(n - 1, Math.ceil(n * 0.99) - 1)], minUs: s[0] };
+}

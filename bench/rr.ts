@@ -1,0 +1,47 @@
+/**
+ * The host side of the 1-byte TCP request/response benchmark: an echo server on the stack's
+ * bind address (in this process: it is idle while the iperf3 tests run), and the client from
+ * rr-client.ts run inside the namespace.
+ */
+import net from 'node:net';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { run } from './proc.js';
+import type { RrStats } from './rr-stats.js';
+
+export interface RrRun {
+  ns: string;
+  target: string;
+  bind: string;
+  count: number;
+  warmup: number;
+}
+
+export async function runRr(o: RrRun): Promise<RrStats> {
+  // net.Server keeps no list of its sockets: keep one so close() never waits on a stuck peer.
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((s) => {
+    sockets.add(s);
+    s.setNoDelay(true);
+    s.on('data', (d) => s.write(d));
+    s.on('error', () => s.destroy());
+    s.on('close', () => sockets.delete(s));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, o.bind, () => resolve());
+  });
+  const port = (server.address() as net.AddressInfo).port;
+  try {
+    const client = join(dirname(fileURLToPath(import.meta.url)), 'rr-client.js');
+    const timeoutMs = 20_000;
+    const args = ['netns', 'exec', o.ns, process.execPath, client, o.target, String(port), String(o.count), String(o.warmup), String(timeoutMs - 2000)];
+    const r = await run('ip', args, { timeoutMs });
+    if (r.timedOut) throw new Error(`TCP_RR client timed out after ${timeoutMs / 1000} s`);
+    if (r.code !== 0) throw new Error(`TCP_RR: ${r.stderr.trim().split('\n')[0] || `exit ${r.code ?? r.signal}`}`);
+    return JSON.parse(r.stdout.trim()) as RrStats;
+  } finally {
+    for (const s of sockets) s.destroy();
+    await new Promise<void>((r) => server.close(() => r()));
+  }
+}

@@ -1,0 +1,311 @@
+/**
+ * `npm run bench`: tender side by side with slirp4netns, pasta and a kernel veth pair, in one
+ * run on one machine. For every stack and MTU: a fresh network namespace as the guest, the
+ * stack started against it, then iperf3 upload (guest -> host), download (-R) and a 1-byte TCP
+ * round trip to servers on the host reached through the stack's host address; then the stack
+ * and the namespace are removed. A cell that fails records "n/a (why)" and the run goes on.
+ *
+ *   node dist/bench/run.js [--only tender,slirp4netns] [--mtu 1500] [--quick] [--repeat N]
+ *                          [--seconds N] [--write | --no-write]
+ *   node dist/bench/run.js --render bench/results/latest.json   (re-render the docs, no measuring)
+ *
+ * A full run (all stacks, both MTUs, not --quick) rewrites the marked block of
+ * docs/benchmarks.md and bench/results/latest.json; partial runs only write
+ * bench/results/partial.json unless --write is given.
+ */
+import { mkdirSync, readFileSync, writeFileSync, existsSync } from 'node:fs';
+import os from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { runIperf, type IperfResult } from './iperf.js';
+import { cleanup, killAllChildren, must, run } from './proc.js';
+import { renderBlock, renderChart, renderTable, renderTargets, replaceBlock, median, formatGbps, formatUs, type BenchResults, type Cell, type Kind } from './report.js';
+import { runRr } from './rr.js';
+import type { RrStats } from './rr-stats.js';
+import { STACKS, STACK_NAMES, repoRoot, type StackName } from './stacks.js';
+
+const ALL_MTUS = [1500, 65520];
+
+interface Options {
+  stacks: StackName[];
+  mtus: number[];
+  seconds: number;
+  omit: number;
+  repeat: number;
+  rrCount: number;
+  quick: boolean;
+  write: boolean | null;
+  /** Re-render docs/benchmarks.md from a saved results file instead of measuring. */
+  render: string | null;
+}
+
+function usage(msg: string): never {
+  process.stderr.write(`${msg}\nusage: node dist/bench/run.js [--only ${STACK_NAMES.join(',')}] [--mtu 1500,65520] [--quick] [--repeat N] [--seconds N] [--write|--no-write] [--render results.json]\n`);
+  process.exit(2);
+}
+
+function parseOptions(argv: string[]): Options {
+  let v;
+  try {
+    v = parseArgs({
+      args: argv,
+      options: {
+        only: { type: 'string' },
+        mtu: { type: 'string' },
+        quick: { type: 'boolean', default: false },
+        repeat: { type: 'string' },
+        seconds: { type: 'string' },
+        write: { type: 'boolean' },
+        render: { type: 'string' },
+        'no-write': { type: 'boolean' },
+        help: { type: 'boolean', short: 'h' },
+      },
+      strict: true,
+    }).values;
+  } catch (err) {
+    usage((err as Error).message);
+  }
+  if (v.help) usage('');
+  const stacks = v.only ? v.only.split(',').map((s) => s.trim()).filter(Boolean) : [...STACK_NAMES];
+  for (const s of stacks) if (!(STACK_NAMES as readonly string[]).includes(s)) usage(`unknown stack "${s}"`);
+  const mtus = v.mtu ? v.mtu.split(',').map((s) => Number(s.trim())) : ALL_MTUS;
+  for (const m of mtus) if (!Number.isInteger(m) || m < 576 || m > 65520) usage(`bad MTU "${m}": 576 to 65520`);
+  const int = (s: string | undefined, d: number, name: string) => {
+    if (s === undefined) return d;
+    const n = Number(s);
+    if (!Number.isInteger(n) || n < 1 || n > 60) usage(`bad --${name} "${s}": 1 to 60`);
+    return n;
+  };
+  const quick = !!v.quick;
+  return {
+    // Keep the canonical order so tables from different runs line up.
+    stacks: STACK_NAMES.filter((s) => stacks.includes(s)),
+    mtus: [...new Set(mtus)].sort((a, b) => a - b),
+    seconds: int(v.seconds, quick ? 1 : 5, 'seconds'),
+    omit: 1,
+    repeat: int(v.repeat, 1, 'repeat'),
+    rrCount: quick ? 500 : 2000,
+    quick,
+    write: v.write ? true : v['no-write'] ? false : null,
+    render: v.render ?? null,
+  };
+}
+
+const log = (s: string) => process.stderr.write(`${s}\n`);
+
+function shortError(err: unknown): string {
+  return String((err as Error)?.message ?? err).split('\n')[0].trim();
+}
+
+async function machine(): Promise<BenchResults['machine']> {
+  let tcpCongestion: string | undefined;
+  try {
+    // New namespaces start with the initial namespace's default, so this is every stack's guest too.
+    tcpCongestion = readFileSync('/proc/sys/net/ipv4/tcp_congestion_control', 'utf8').trim();
+  } catch {
+    /* not Linux, or /proc not mounted */
+  }
+  return { kernel: os.release(), cpu: os.cpus()[0]?.model.trim() ?? 'unknown', cores: os.cpus().length, node: process.version, tcpCongestion };
+}
+
+async function tools(o: Options): Promise<Record<string, string>> {
+  const t: Record<string, string> = {};
+  const ip = await run('iperf3', ['--version'], { timeoutMs: 5000 });
+  t.iperf3 = ip.stdout.split('\n')[0]?.trim() || 'missing';
+  for (const s of o.stacks) {
+    if (s === 'veth') continue;
+    try {
+      t[s] = await STACKS[s].version();
+    } catch (err) {
+      t[s] = `unknown (${shortError(err)})`;
+    }
+  }
+  return t;
+}
+
+/** One stack at one MTU: namespace, stack, measurements, teardown. Never throws. */
+async function measure(o: Options, stack: StackName, mtu: number, record: (k: Kind, v: number | null, err: string | undefined, detail: unknown) => void, commands: (c: string[]) => void): Promise<void> {
+  const ns = `tender-bench-${process.pid}-${stack}`;
+  const tag = `[${stack} mtu ${mtu}]`;
+  const failAll = (err: unknown) => {
+    log(`${tag} setup failed: ${shortError(err)}`);
+    for (const k of ['up', 'down', 'rr'] as Kind[]) record(k, null, shortError(err), null);
+  };
+  try {
+    await must('ip', ['netns', 'add', ns]);
+  } catch (err) {
+    return failAll(err);
+  }
+  const delNs = cleanup.add(`delete netns ${ns}`, async () => void (await run('ip', ['netns', 'del', ns], { timeoutMs: 10_000 })));
+  try {
+    await must('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
+    let running;
+    try {
+      running = await STACKS[stack].start(ns, mtu);
+    } catch (err) {
+      return failAll(err);
+    }
+    commands(running.commands.map((c) => c.replaceAll(ns, 'NS')));
+    const stopStack = cleanup.add(`stop ${stack}`, () => running.stop());
+    try {
+      for (const [k, reverse] of [['up', false], ['down', true]] as const) {
+        try {
+          const r: IperfResult = await runIperf({ ns, target: running.target, bind: running.bind, seconds: o.seconds, omit: o.omit, reverse });
+          const g = r.bitsPerSecond / 1e9;
+          log(`${tag} ${k} ${formatGbps(g)} Gbit/s${r.retransmits !== null ? `, ${r.retransmits} retransmits` : ''}`);
+          record(k, g, undefined, { retransmits: r.retransmits, senderGbps: r.senderBitsPerSecond / 1e9, intervalsGbps: r.intervals.map((i) => (i.omitted ? null : +(i.bitsPerSecond / 1e9).toFixed(3))) });
+        } catch (err) {
+          log(`${tag} ${k} failed: ${shortError(err)}`);
+          record(k, null, shortError(err), null);
+        }
+      }
+      try {
+        const r: RrStats = await runRr({ ns, target: running.target, bind: running.bind, count: o.rrCount, warmup: 100 });
+        log(`${tag} TCP_RR median ${formatUs(r.medianUs)} µs (mean ${formatUs(r.meanUs)}, p99 ${formatUs(r.p99Us)})`);
+        record('rr', r.medianUs, undefined, r);
+      } catch (err) {
+        log(`${tag} TCP_RR failed: ${shortError(err)}`);
+        record('rr', null, shortError(err), null);
+      }
+    } finally {
+      await stopStack();
+    }
+  } catch (err) {
+    failAll(err);
+  } finally {
+    await delNs();
+  }
+}
+
+function writeDoc(results: BenchResults): void {
+  const docPath = join(repoRoot(), 'docs', 'benchmarks.md');
+  const doc = existsSync(docPath) ? readFileSync(docPath, 'utf8') : '# Benchmarks\n';
+  writeFileSync(docPath, replaceBlock(doc, renderBlock(results)));
+  log(`updated ${docPath}`);
+}
+
+/**
+ * Namespaces left by a bench that was killed outright (SIGKILL, a crash of node itself): the
+ * name carries the pid, so remove those whose process is gone. Deleting the namespace also
+ * removes the veth pair, and pasta exits when its namespace goes.
+ */
+async function sweepStale(): Promise<void> {
+  const r = await run('ip', ['netns', 'list'], { timeoutMs: 5000 });
+  for (const line of r.stdout.split('\n')) {
+    const m = /^(tender-bench-(\d+)-\S+)/.exec(line.trim());
+    if (!m || Number(m[2]) === process.pid) continue;
+    try {
+      process.kill(Number(m[2]), 0);
+      continue; // another bench is running right now
+    } catch {
+      /* that bench is gone */
+    }
+    log(`removing stale namespace ${m[1]}`);
+    await run('ip', ['netns', 'del', m[1]], { timeoutMs: 10_000 });
+  }
+}
+
+async function main(): Promise<void> {
+  const o = parseOptions(process.argv.slice(2));
+  if (o.render) {
+    // After editing the prose or the renderer: no measurement, same numbers.
+    const results = JSON.parse(readFileSync(o.render, 'utf8')) as BenchResults;
+    process.stdout.write(`${renderTable(results)}\n\n${renderChart(results)}\n\n${renderTargets(results)}\n\n`);
+    writeDoc(results);
+    return;
+  }
+  if (process.getuid?.() !== 0) usage('the bench creates network namespaces, veth pairs and TAP devices: run it as root');
+  await sweepStale();
+  const started = Date.now();
+  let stopping = false;
+  const onSignal = (sig: NodeJS.Signals) => {
+    if (stopping) return;
+    stopping = true;
+    log(`\n${sig}: cleaning up`);
+    killAllChildren();
+    void cleanup.runAll().finally(() => process.exit(sig === 'SIGINT' ? 130 : sig === 'SIGHUP' ? 129 : 143));
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', onSignal);
+  // Output piped into `head` that exits must not kill the bench before it cleans up.
+  process.stdout.on('error', () => {});
+  process.stderr.on('error', () => {});
+  process.on('uncaughtException', (err) => {
+    if (stopping) return;
+    stopping = true;
+    killAllChildren();
+    void cleanup.runAll().finally(() => {
+      log(`bench failed: ${err.stack ?? err}`);
+      process.exit(1);
+    });
+  });
+
+  const results: BenchResults = {
+    version: 1,
+    date: new Date().toISOString(),
+    durationSeconds: 0,
+    machine: await machine(),
+    tools: await tools(o),
+    options: { stacks: o.stacks, mtus: o.mtus, seconds: o.seconds, omit: o.omit, repeat: o.repeat, rrCount: o.rrCount, quick: o.quick },
+    commands: {},
+    cells: [],
+  };
+  const cells = new Map<string, Cell>();
+  for (const s of o.stacks) for (const m of o.mtus) for (const k of ['up', 'down', 'rr'] as Kind[]) {
+    const c: Cell = { stack: s, mtu: m, kind: k, value: null, runs: [], detail: [] };
+    cells.set(`${s}/${m}/${k}`, c);
+    results.cells.push(c);
+  }
+
+  try {
+    // Repetitions outermost and stacks innermost, so slow drifts of the machine spread over all stacks.
+    for (let rep = 0; rep < o.repeat; rep++) {
+      for (const mtu of o.mtus) {
+        for (const s of o.stacks) {
+          await measure(
+            o, s, mtu,
+            (k, v, err, detail) => {
+              const c = cells.get(`${s}/${mtu}/${k}`)!;
+              c.runs.push(v);
+              c.detail!.push(detail);
+              if (v === null && !c.error) c.error = err;
+            },
+            (cmds) => {
+              if (!results.commands[s]) results.commands[s] = cmds;
+            },
+          );
+        }
+      }
+    }
+  } finally {
+    await cleanup.runAll();
+  }
+  for (const c of results.cells) {
+    c.value = median(c.runs.filter((x): x is number => x !== null));
+    if (c.value !== null && c.runs.every((x) => x !== null)) delete c.error;
+  }
+  results.durationSeconds = (Date.now() - started) / 1000;
+
+  process.stdout.write(`\n${renderTable(results)}\n\n${renderChart(results)}\n\n${renderTargets(results)}\n\n`);
+
+  const root = repoRoot();
+  const full = o.stacks.length === STACK_NAMES.length && ALL_MTUS.every((m) => o.mtus.includes(m)) && !o.quick;
+  const write = o.write ?? full;
+  mkdirSync(join(root, 'bench', 'results'), { recursive: true });
+  const jsonPath = join(root, 'bench', 'results', write ? 'latest.json' : 'partial.json');
+  writeFileSync(jsonPath, JSON.stringify(results, null, 2) + '\n');
+  log(`raw results: ${jsonPath}`);
+  if (write) {
+    writeDoc(results);
+  } else {
+    log('partial run: docs/benchmarks.md left unchanged (pass --write to update it anyway)');
+  }
+}
+
+main().catch(async (err) => {
+  killAllChildren();
+  await cleanup.runAll();
+  log(`bench failed: ${(err as Error).stack ?? err}`);
+  process.exit(1);
+});
