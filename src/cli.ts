@@ -63,6 +63,47 @@ export function buildProgram(): Command {
       await runDemo({ keep: !!opts.keep });
     });
 
+  program
+    .command('daemon')
+    .description('run the tender service in the foreground (machines, network, API on $TENDER_HOME/tender.sock)')
+    .addOption(new Option('--log-level <level>', 'log level').choices(['debug', 'info', 'warn', 'error']).default('info'))
+    .action(async (opts) => {
+      const log = createLogger(opts.logLevel);
+      const { startDaemon } = await import('./daemon/daemon.js');
+      const { defaultDeps } = await import('./daemon/deps.js');
+      const { paths } = await import('./daemon/paths.js');
+      const d = await startDaemon({ log, deps: defaultDeps(paths()) });
+      await new Promise<void>((resolve) => {
+        process.once('SIGINT', () => resolve());
+        process.once('SIGTERM', () => resolve());
+      });
+      log.info({}, 'stopping (machines keep running)');
+      await d.stop();
+    });
+
+  const image = program.command('image').description('machine images');
+  image
+    .command('build')
+    .description('assemble the default image from the host\'s Debian packages (kernel, busybox, modules, agent)')
+    .option('--force', 'rebuild even when up to date')
+    .option('--json', 'print the image as JSON')
+    .action(async (opts) => {
+      const { buildDefaultImage, ImageUnavailableError } = await import('./image/default-image.js');
+      const { tenderHome } = await import('./daemon/paths.js');
+      const { progress } = await import('./commands/table.js');
+      const p = progress();
+      try {
+        const img = await buildDefaultImage({ home: tenderHome(), force: !!opts.force, onProgress: (s) => p.update(`${s.step}: ${s.message ?? ''}`) });
+        p.done();
+        if (opts.json) process.stdout.write(JSON.stringify({ ...img, manifest: undefined }, null, 2) + '\n');
+        else process.stdout.write(`${img.dir} (kernel ${img.version}, ${img.modules.length} modules, agent ${img.agent ? 'included' : 'MISSING'})\n`);
+      } catch (err) {
+        p.done();
+        if (err instanceof ImageUnavailableError) throw new TenderError('IMAGE_UNAVAILABLE', err.message);
+        throw err;
+      }
+    });
+
   registerMachineCommands(program);
   return program;
 }

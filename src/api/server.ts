@@ -22,8 +22,8 @@ export interface ApiOptions {
 /** Create the fastify instance with the error handling and OpenAPI document in place. */
 export async function createApi(o: ApiOptions): Promise<Api> {
   const app = Fastify({
-    loggerInstance: o.log?.child({ component: 'api' }),
-    disableRequestLogging: true,
+    // Requests are logged at info; the API's own logger keeps warnings and errors only.
+    loggerInstance: o.log?.child({ component: 'api' }, { level: 'warn' }),
     bodyLimit: 64 * 1024,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: false, allErrors: false } },
   }).withTypeProvider<TypeBoxTypeProvider>();

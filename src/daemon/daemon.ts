@@ -77,15 +77,17 @@ export async function startDaemon(o: { home?: string; log: Logger; deps: DaemonD
       sock.end(errorResponse(404, 'NOT_FOUND', `no upgrade route ${req.method} ${req.url}`));
       return;
     }
-    try {
-      const execReq = parseExecHeader(req.headers['x-tender-exec']);
-      const agent = machines.agentOf(decodeURIComponent(m[1]!));
-      sock.write(upgradeResponse());
-      serveExec(sock, agent, execReq);
-    } catch (err) {
-      const e = err instanceof TenderError ? err : new TenderError('INTERNAL', (err as Error).message);
-      sock.end(errorResponse(e.status, e.code, e.message));
-    }
+    void (async () => {
+      try {
+        const execReq = parseExecHeader(req.headers['x-tender-exec']);
+        const agent = await machines.agentOf(decodeURIComponent(m[1]!));
+        sock.write(upgradeResponse());
+        serveExec(sock, agent, execReq);
+      } catch (err) {
+        const e = err instanceof TenderError ? err : new TenderError('INTERNAL', (err as Error).message);
+        sock.end(errorResponse(e.status, e.code, e.message));
+      }
+    })();
   });
   await listenUnix(api, p.socket);
   writeFileSync(p.pidFile, `${process.pid}\n`);

@@ -40,9 +40,17 @@ export interface AgentSession {
   close(): void;
 }
 
+export interface BootImage {
+  kernel: string;
+  initrd?: string;
+  disk?: string;
+  /** Kernel command-line words the image wants. */
+  cmdline?: readonly string[];
+}
+
 export interface ImageProvider {
   /** Kernel and initrd (or disk) for a machine's image, building the default image on first use. */
-  resolve(cfg: MachineConfig, onProgress?: (msg: string) => void): Promise<{ kernel: string; initrd?: string; disk?: string }>;
+  resolve(cfg: MachineConfig, onProgress?: (msg: string) => void): Promise<BootImage>;
 }
 
 export interface CreateInput {
@@ -308,7 +316,7 @@ export class MachineManager {
     };
   }
 
-  private async spec(cfg: MachineConfig, img: { kernel: string; initrd?: string; disk?: string }): Promise<MachineSpec> {
+  private async spec(cfg: MachineConfig, img: BootImage): Promise<MachineSpec> {
     const dir = this.dir(cfg.name);
     return {
       name: cfg.name,
@@ -318,7 +326,7 @@ export class MachineManager {
       kernel: img.kernel,
       initrd: img.initrd,
       disk: img.disk,
-      cmdline: [`tender.hostname=${cfg.name}`],
+      cmdline: [...(img.cmdline ?? []), `tender.hostname=${cfg.name}`],
       accel: cfg.accel,
       net: { kind: 'dgram', mac: cfg.mac, localPath: join(dir, 'vmm-net.sock'), remotePath: join(dir, 'net.sock') },
       agent: this.o.connectAgent ? { kind: 'virtio-serial', path: join(dir, 'agent.sock') } : { kind: 'none' },
@@ -332,7 +340,7 @@ export class MachineManager {
       const cfg = this.get(name);
       const rt = this.runtime.get(name)!;
       if (rt.state === 'running' || rt.state === 'starting') return this.inspect(name);
-      let img: { kernel: string; initrd?: string; disk?: string };
+      let img: BootImage;
       try {
         img = await this.o.images.resolve(cfg, opts.onProgress);
       } catch (err) {
@@ -652,10 +660,20 @@ export class MachineManager {
     session.onListeners((ls) => void this.syncAutoForwards(name, live, ls));
   }
 
-  agentOf(name: string): AgentSession {
+  /** The agent of a running machine, waiting a little while it (re)connects. */
+  async agentOf(name: string, waitMs = 15_000): Promise<AgentSession> {
     this.get(name);
     const live = this.live.get(name);
-    if (!live?.agent || !live.agentReady) throw new TenderError('AGENT_UNAVAILABLE', `the guest agent of "${name}" is not connected`);
+    if (!live?.agent) throw new TenderError('AGENT_UNAVAILABLE', `machine "${name}" is not running (or its image has no agent)`);
+    if (!live.agentReady) {
+      let timer: NodeJS.Timeout | undefined;
+      const ok = await Promise.race([
+        live.agent.ready.then(() => true),
+        new Promise<boolean>((r) => (timer = setTimeout(() => r(false), waitMs))),
+      ]);
+      clearTimeout(timer);
+      if (!ok || !live.agentReady) throw new TenderError('AGENT_UNAVAILABLE', `the guest agent of "${name}" did not connect within ${waitMs / 1000} s`);
+    }
     return live.agent;
   }
 

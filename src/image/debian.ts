@@ -23,7 +23,7 @@ const WHAT_INSTEAD = 'provide a kernel and initrd (--kernel F --initrd F) or a d
 
 export async function hasCommand(cmd: string): Promise<boolean> {
   try {
-    await run('sh', ['-c', `command -v ${cmd}`]);
+    await run('/bin/sh', ['-c', `command -v ${cmd}`]);
     return true;
   } catch {
     return false;

@@ -40,28 +40,15 @@ const BUSYBOX = 'busybox-static';
 
 /**
  * Roots of the module walk (dependencies are followed, built-in ones skipped). On Debian 12's
- * 6.1 kernel every one of these is a module: virtio transport and devices, vsock, USB/IP's
- * host controller and the class drivers a passed-through stick needs, 9p for shared folders,
- * ext4 for disks, and the ACPI power button (+ evdev to read it) for graceful powerdown.
+ * 6.1 kernel every one of these is a module. BOOT_MODULES are loaded before the network and
+ * the agent start: the virtio transport and devices, vsock, and the ACPI power button (+ evdev
+ * to read it) for graceful powerdown. LATER_MODULES load after DHCP, off the boot's critical
+ * path: USB/IP's host controller and the class drivers a passed-through stick needs, 9p for
+ * shared folders, ext4 for disks (at once when a root disk is given).
  */
-export const DEFAULT_MODULES = [
-  'virtio_mmio',
-  'virtio_net',
-  'virtio_console',
-  'virtio_blk',
-  'vsock',
-  'vmw_vsock_virtio_transport',
-  'usbip_core',
-  'vhci_hcd',
-  'usb_storage',
-  'uas',
-  'sd_mod',
-  '9pnet_virtio',
-  '9p',
-  'ext4',
-  'button',
-  'evdev',
-];
+export const BOOT_MODULES = ['virtio_mmio', 'virtio_net', 'virtio_console', 'virtio_blk', 'vsock', 'vmw_vsock_virtio_transport', 'button', 'evdev'];
+export const LATER_MODULES = ['usbip_core', 'vhci_hcd', 'usb_storage', 'uas', 'sd_mod', '9pnet_virtio', '9p', 'ext4'];
+export const DEFAULT_MODULES = [...BOOT_MODULES, ...LATER_MODULES];
 
 /** Kernel command-line words the default image wants (the driver adds console/timing). */
 export const DEFAULT_IMAGE_CMDLINE = ['quiet'];
@@ -145,7 +132,7 @@ function sha256File(file: string): string {
 
 /** Everything that shapes the image besides the packages and the agent. */
 export function recipeHash(): string {
-  return sha256([`builder=${BUILDER_VERSION}`, DEFAULT_MODULES.join(','), INIT_SCRIPT, UDHCPC_SCRIPT].join('\0')).slice(0, 16);
+  return sha256([`builder=${BUILDER_VERSION}`, BOOT_MODULES.join(','), LATER_MODULES.join(','), INIT_SCRIPT, UDHCPC_SCRIPT].join('\0')).slice(0, 16);
 }
 
 /** ELF without PT_INTERP: runs in an initramfs that has no libc. */
@@ -246,6 +233,10 @@ async function buildLocked(opts: BuildOptions): Promise<DefaultImage> {
   const lock = path.join(imagesDir, '.default.lock');
   await acquireLock(lock);
   try {
+    // Holding the lock, any build directory or set-aside image is a leftover of a crash.
+    for (const e of fs.readdirSync(imagesDir)) {
+      if (e.startsWith('.default-build-') || e.startsWith('default.old-')) fs.rmSync(path.join(imagesDir, e), { recursive: true, force: true });
+    }
     // Another process may have finished the same build while we waited.
     const again = readDefaultImage(opts.home);
     if (!opts.force && (await upToDate(again, agent))) return again!;
@@ -312,6 +303,8 @@ async function build(tmp: string, home: string, agent: AgentCheck, progress: (s:
 
   progress('modules', `resolving ${DEFAULT_MODULES.length} modules and their dependencies`);
   const mods = resolveModules(modRoot, DEFAULT_MODULES);
+  const bootNames = new Set(resolveModules(modRoot, BOOT_MODULES).modules.map((m) => m.name));
+  const list = (boot: boolean) => Buffer.from(mods.modules.filter((m) => bootNames.has(m.name) === boot).map((m) => `${m.name}\n`).join(''));
 
   progress('kernel', 'extracting the uncompressed kernel');
   const config = path.join(boot, `config-${release}`);
@@ -336,7 +329,9 @@ async function build(tmp: string, home: string, agent: AgentCheck, progress: (s:
   entries.push({ kind: 'symlink', path: 'bin/sh', target: 'busybox' });
   entries.push({ kind: 'file', path: 'init', data: Buffer.from(INIT_SCRIPT), mode: 0o755 });
   entries.push({ kind: 'file', path: 'etc/udhcpc.script', data: Buffer.from(UDHCPC_SCRIPT), mode: 0o755 });
-  entries.push({ kind: 'file', path: 'etc/tender-modules', data: Buffer.from(mods.modules.map((m) => m.name).join('\n') + '\n') });
+  // Both lists keep the global dependency order; every dependency of a boot module is a boot module.
+  entries.push({ kind: 'file', path: 'etc/tender-modules.boot', data: list(true) });
+  entries.push({ kind: 'file', path: 'etc/tender-modules.later', data: list(false) });
   entries.push({ kind: 'file', path: 'etc/tender-release', data: Buffer.from(`${version}\n`) });
   entries.push({ kind: 'file', path: 'etc/passwd', data: Buffer.from('root:x:0:0:root:/root:/bin/sh\n') });
   entries.push({ kind: 'file', path: 'etc/group', data: Buffer.from('root:x:0:\ntty:x:5:\n') });

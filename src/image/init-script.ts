@@ -34,6 +34,22 @@ mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 echo "TENDER-BOOT uptime=$(cut -d' ' -f1 /proc/uptime)"
 
+# busybox poweroff/halt/reboot (without -f) signal PID 1: USR2, USR1, TERM. Set early: the
+# kernel drops signals to PID 1 that have no handler, so a press before this would be lost.
+AGENT_PID=
+down() {
+  echo "TENDER-DOWN $1"
+  [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null
+  kill -TERM -1 2>/dev/null
+  sync
+  umount -a -r 2>/dev/null
+  sync
+  if [ "$1" = reboot ]; then reboot -f; else poweroff -f; fi
+}
+trap 'down poweroff' USR2
+trap 'down poweroff' USR1
+trap 'down reboot' TERM
+
 HN= AGENT=serial NET=dhcp CONSOLE=1 PROBE= ROOT= ROOTFSTYPE= ROOTFLAGS= RO= ROOTINIT=/sbin/init
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
@@ -55,9 +71,15 @@ if [ -n "$PROBE" ]; then
   poweroff -f
 fi
 
-for m in $(cat /etc/tender-modules); do
-  insmod "/lib/modules/$m.ko" 2>/dev/null || grep -q "^$m " /proc/modules || echo "TENDER-ERROR insmod $m"
-done
+# Modules in dependency order. The boot set (virtio, vsock, power button) is what the
+# network, the agent and poweroff need; the rest (USB/IP, storage, 9p, ext4) loads after
+# DHCP, off the critical path (about 1 s of a TCG boot), unless a root disk needs it now.
+load_modules() {
+  for m in $(cat "$1"); do
+    insmod "/lib/modules/$m.ko" 2>/dev/null || grep -q "^$m " /proc/modules || echo "TENDER-ERROR insmod $m"
+  done
+}
+load_modules /etc/tender-modules.boot
 
 if [ -n "$HN" ]; then
   hostname "$HN"
@@ -67,6 +89,7 @@ fi
 ip link set lo up
 
 if [ -n "$ROOT" ]; then
+  load_modules /etc/tender-modules.later
   dev=$ROOT
   i=0
   while [ $i -lt 100 ]; do
@@ -98,7 +121,6 @@ if [ -n "$ROOT" ]; then
   echo "TENDER-ERROR root: staying in the initramfs"
 fi
 
-AGENT_PID=
 if [ -x /sbin/tender-agent ] && [ "$AGENT" != none ]; then
   case "$AGENT" in
     vsock:*) AARGS="--vsock \${AGENT#vsock:}" ;;
@@ -139,24 +161,18 @@ if [ "$NET" = dhcp ]; then
   fi
 fi
 
-if [ -n "$CONSOLE" ]; then
-  ( while :; do setsid cttyhack sh -l; sleep 1; done ) </dev/console >/dev/console 2>&1 &
-fi
+# Then a shell on the serial console (after the modules, so its prompt does not land in the
+# middle of the lines above).
+(
+  if [ -z "$ROOT" ]; then
+    load_modules /etc/tender-modules.later
+    echo "TENDER-MODULES loaded"
+  fi
+  if [ -n "$CONSOLE" ]; then
+    while :; do setsid cttyhack sh -l; sleep 1; done
+  fi
+) </dev/console >/dev/console 2>&1 &
 echo "TENDER-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
-
-# busybox poweroff/halt/reboot (without -f) signal PID 1: USR2, USR1, TERM.
-down() {
-  echo "TENDER-DOWN $1"
-  [ -n "$AGENT_PID" ] && kill "$AGENT_PID" 2>/dev/null
-  kill -TERM -1 2>/dev/null
-  sync
-  umount -a -r 2>/dev/null
-  sync
-  if [ "$1" = reboot ]; then reboot -f; else poweroff -f; fi
-}
-trap 'down poweroff' USR2
-trap 'down poweroff' USR1
-trap 'down reboot' TERM
 while :; do
   sleep 3600 &
   wait $!

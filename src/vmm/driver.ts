@@ -9,7 +9,12 @@ export type Accel = 'auto' | 'kvm' | 'tcg' | 'hvf';
 
 /** How the machine's NIC reaches tender's network. */
 export type NetAttachment =
-  /** One frame per datagram on unix sockets (QEMU -netdev dgram, vfkit unixSocketPath). Survives a daemon restart: there is no connection to lose. */
+  /**
+   * One frame per datagram on unix sockets (QEMU -netdev dgram, vfkit unixSocketPath).
+   * Seen from the VMM: it binds `localPath` and sends to `remotePath`, which tender binds
+   * (`DatagramLink.connect(remotePath, localPath)`); vfkit's unixSocketPath is `remotePath`.
+   * Survives a daemon restart: there is no connection to lose.
+   */
   | { kind: 'dgram'; mac: string; localPath: string; remotePath: string }
   /** QEMU -netdev stream, QEMU as the client of tender's listener (4-byte length framing). */
   | { kind: 'stream'; mac: string; path: string }
@@ -19,7 +24,11 @@ export type NetAttachment =
 export type AgentChannel =
   /** A virtio-serial port named org.tender.agent.0; the VMM serves `path` (a unix socket) and tender connects, so tender can reconnect after a restart. */
   | { kind: 'virtio-serial'; path: string }
-  /** vsock, host side as Firecracker's hybrid vsock: `path` is the unix socket, guest port `port`. */
+  /**
+   * vsock to guest port `port`. QEMU: vhost-vsock-device with guest-cid `cid` (needs the host's
+   * /dev/vhost-vsock; `path` unused until tender's vhost-user backend exists); vfkit: `path` is
+   * its per-port unix socket.
+   */
   | { kind: 'vsock'; cid: number; port: number; path: string }
   | { kind: 'none' };
 

@@ -41,6 +41,12 @@ export interface QemuDriverOptions {
   startTimeoutMs?: number;
   /** Poll interval for adopted processes. */
   pollMs?: number;
+  /**
+   * How long adopt() waits for QMP's greeting. QEMU serves one QMP client at a time, so while
+   * another holds it (only in tests: a dead daemon's connection is closed) adopt() goes on
+   * without QMP after this.
+   */
+  adoptQmpTimeoutMs?: number;
 }
 
 /** `VMM_START_FAILED`: QEMU exited or never answered on QMP. */
@@ -58,6 +64,14 @@ function unlinkQuietly(p: string): void {
     fs.unlinkSync(p);
   } catch {
     // not there
+  }
+}
+
+function isSocket(p: string): boolean {
+  try {
+    return fs.statSync(p).isSocket();
+  } catch {
+    return false;
   }
 }
 
@@ -180,6 +194,12 @@ export class QemuDriver implements VmmDriver {
   async start(spec: MachineSpec): Promise<VmmInstance> {
     const accel = spec.accel === 'auto' ? (await this.resolveAccel(spec)).accel : spec.accel;
     const { cmd, args } = this.commandLine(spec, accel);
+    // QEMU 7.2's stream client connects once, asynchronously, and on failure runs on with a
+    // dead NIC and no error: the listener must be there first (a test connection would be
+    // taken for QEMU's by the listener, so only look at the file).
+    if (spec.net.kind === 'stream' && !isSocket(spec.net.path)) {
+      throw new VmmStartError(`no network listener at ${spec.net.path}: tender's stream socket must exist before QEMU starts`);
+    }
     fs.mkdirSync(spec.dir, { recursive: true });
     // Leftovers of an earlier run: QEMU would reuse none of them, and a stale control
     // socket would make us talk to nobody.
@@ -238,7 +258,7 @@ export class QemuDriver implements VmmDriver {
     const poll = pollUntilGone(pid, spec.controlSocket, this.o.pollMs ?? 500);
     void poll.done.then(() => inst.ended({ code: null, signal: null, adopted: true }));
     try {
-      const qmp = await QmpClient.connect(spec.controlSocket, 3000);
+      const qmp = await QmpClient.connect(spec.controlSocket, this.o.adoptQmpTimeoutMs ?? 3000);
       inst.attachQmp(qmp);
       // QMP closing is how QEMU's exit usually shows first: look at once instead of next tick.
       void qmp.closed.then(() => setTimeout(() => poll.checkNow(), 20));

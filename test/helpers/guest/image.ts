@@ -9,7 +9,7 @@
  * unpacks concatenated archives in order (buffer-format.rst), so the cached base image is
  * never rebuilt for a new test.
  */
-import { execFile, spawnSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -18,6 +18,7 @@ import { promisify } from 'node:util';
 import { gzipSync } from 'node:zlib';
 import { type CpioEntry, cpioNewc } from './cpio.js';
 import { resolveModules } from './kmod.js';
+import { configHasPvh, extractVmlinux } from '../../../src/image/vmlinux.js';
 
 const run = promisify(execFile);
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -52,6 +53,8 @@ function inputs(): { hash: string; init: Buffer; udhcpc: Buffer } {
   h.update(init).update('\0').update(udhcpc).update('\0');
   h.update(fs.readFileSync(path.join(HERE, 'image.ts'))).update(fs.readFileSync(path.join(HERE, 'kmod.ts')));
   h.update(fs.readFileSync(path.join(HERE, 'cpio.ts')));
+  // The shared pieces in src/image shape the image too.
+  for (const f of ['cpio.ts', 'kmod.ts', 'vmlinux.ts']) h.update(fs.readFileSync(path.join(HERE, '../../../src/image', f)));
   return { hash: h.digest('hex').slice(0, 16), init, udhcpc };
 }
 
@@ -209,8 +212,8 @@ async function build(): Promise<GuestImage> {
     // Under TCG, decompressing the 8 MB bzImage takes ~3.5 s of the ~5 s boot. A kernel built
     // with CONFIG_PVH boots from its uncompressed ELF through QEMU's PVH entry instead.
     const config = path.join(boot, `config-${kernelVersion}`);
-    const pvh = fs.existsSync(config) && /^CONFIG_PVH=y$/m.test(fs.readFileSync(config, 'utf8'));
-    const vmlinux = pvh ? extractVmlinux(path.join(boot, vmlinuz)) : null;
+    const pvh = fs.existsSync(config) && configHasPvh(fs.readFileSync(config, 'utf8'));
+    const vmlinux = pvh ? extractVmlinux(fs.readFileSync(path.join(boot, vmlinuz))) : null;
     if (vmlinux) fs.writeFileSync(path.join(out, 'vmlinux'), vmlinux);
     fs.writeFileSync(path.join(out, 'initramfs.cpio.gz'), padTo4(gzipSync(cpioNewc(entries), { level: 6 })));
     fs.writeFileSync(
@@ -247,31 +250,6 @@ function pruneOldImages(root: string, keep: string): void {
       // raced with another pruner
     }
   }
-}
-
-/**
- * The ELF vmlinux inside a bzImage (what the kernel's scripts/extract-vmlinux does): find the
- * compressed payload by its magic and decompress the first stream only (what follows it is
- * not part of the payload). Null when no known payload decompresses to an ELF.
- */
-function extractVmlinux(bzImage: string): Buffer | null {
-  const img = fs.readFileSync(bzImage);
-  const formats: [Buffer, string, string[]][] = [
-    [Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]), 'xz', ['-dc', '--single-stream']],
-    [Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), 'zstd', ['-dc']],
-  ];
-  for (const [magic, tool, args] of formats) {
-    for (let at = img.indexOf(magic); at >= 0; at = img.indexOf(magic, at + 1)) {
-      try {
-        const r = spawnSync(tool, args, { input: img.subarray(at), maxBuffer: 1 << 30 });
-        const elf = r.stdout;
-        if (elf && elf.length > 4 && elf.readUInt32BE(0) === 0x7f454c46) return elf;
-      } catch {
-        // tool missing: try the next format
-      }
-    }
-  }
-  return null;
 }
 
 /** The kernel looks for the next archive of a concatenated initramfs at a 4-byte boundary. */

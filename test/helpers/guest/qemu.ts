@@ -11,6 +11,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { tscArgs } from '../../../src/vmm/tsc.js';
 import { type GuestImage, initrdWithScript } from './image.js';
 
 export type GuestNet =
@@ -78,33 +79,8 @@ function installExitHook(): void {
   });
 }
 
-/**
- * microvm has no HPET and no ACPI PM timer, so the kernel calibrates the TSC against the PIT
- * alone, over a short real-time window. Under TCG on a loaded host (two cores shared by the
- * whole test suite) the vCPU is too slow for that window: "tsc: Unable to calibrate against
- * PIT", TSC marked unstable, and boot stalls before /init (seen in about half the boots
- * under load). TCG's guest TSC is the host's TSC (cpu_get_host_ticks), so tell the kernel
- * its rate and skip the calibration; tsc=reliable keeps the watchdog from distrusting it.
- */
-export function tscArgs(): string[] {
-  const khz = hostTscKhz();
-  return khz ? [`tsc_early_khz=${khz}`, 'tsc=reliable'] : [];
-}
-
-let tscKhz: number | null | undefined;
-
-/** The host TSC rate, from /proc/cpuinfo (an approximation where the CPU scales frequency). */
-export function hostTscKhz(): number | null {
-  if (tscKhz !== undefined) return tscKhz;
-  tscKhz = null;
-  try {
-    const m = /^cpu MHz\s*:\s*([\d.]+)/m.exec(fs.readFileSync('/proc/cpuinfo', 'utf8'));
-    if (m) tscKhz = Math.round(Number(m[1]) * 1000) || null;
-  } catch {
-    // not Linux: let the kernel calibrate
-  }
-  return tscKhz;
-}
+// tsc_early_khz / tsc=reliable: why, in src/vmm/tsc.ts (the QEMU driver passes them too).
+export { hostTscKhz, tscArgs } from '../../../src/vmm/tsc.js';
 
 export function qemuArgs(o: GuestOptions, initrd: string): string[] {
   const append = ['console=ttyS0', 'quiet', 'panic=-1', ...tscArgs()];
