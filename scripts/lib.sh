@@ -5,7 +5,7 @@
 DEMO_DEBS=(iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base)
 # Debian packages the test suite needs (real peers: the kernel in namespaces, busybox udhcpc,
 # dhclient, dig, dnsmasq, tshark, scapy, iperf3, socat, ncat, slirp4netns, pasta, QEMU).
-TEST_DEBS=(iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base isc-dhcp-client tshark tcpdump python3-scapy
+TEST_DEBS=(musl-tools iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base isc-dhcp-client tshark tcpdump python3-scapy
   iperf3 socat ncat slirp4netns passt qemu-system-x86 xz-utils zstd cpio kmod ca-certificates)
 
 say() { printf '%s\n' "$*" >&2; }
@@ -68,7 +68,7 @@ ensure_npm() {
   fi
   # A fresh clone (or a changed lock file) gets a clean install, which also builds the native
   # addon (node-gyp) and compiles the TypeScript (the prepare script).
-  if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ] || [ ! -f build/Release/tender_native.node ] || [ ! -d dist ]; then
+  if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ] || [ ! -f build/Release/tender_native.node ] || [ ! -f build/agent/tender-agent ] || [ ! -d dist ]; then
     say "tender: npm ci (dependencies, native addon, TypeScript build)"
     npm ci --no-audit --no-fund >&2
   fi

@@ -29,6 +29,8 @@ export const ERRORS = {
   FILE_NOT_FOUND: { status: 400, exit: 3, summary: 'A kernel, initrd or disk file given does not exist.' },
   VMM_FAILED: { status: 500, exit: 6, summary: 'The VMM (QEMU, vfkit) failed to start or exited; the message has its last words.' },
   AGENT_UNAVAILABLE: { status: 409, exit: 6, summary: 'The guest agent is not connected (machine stopped, still booting, or the image has no agent).' },
+  EXEC_FAILED: { status: 400, exit: 127, summary: 'The command could not be started in the machine (not found, not executable, bad working directory).' },
+  AGENT_GONE: { status: 503, exit: 6, summary: 'The connection to the guest agent ended (the machine stopped or rebooted) while the operation ran.' },
   DAEMON_UNAVAILABLE: { status: 503, exit: 7, summary: 'The tender daemon is not running and could not be started; see its log.' },
   NETNS_NOT_FOUND: { status: 404, exit: 3, summary: 'The network namespace (name, path or PID) does not exist.' },
   PERMISSION_DENIED: { status: 403, exit: 4, summary: 'The operation needs privileges tender does not have (usually root or CAP_NET_ADMIN + CAP_SYS_ADMIN).' },

@@ -2,16 +2,27 @@
  * The host side of the guest agent: one AgentClient per byte stream to one agent (a unix
  * socket connected to QEMU's virtio-serial chardev, a vsock stream, a socketpair in tests).
  *
- * Everything the agent says arrives in order on that one stream, so a single dispatch
+ * Start of a session. The client announces itself with HOST_HELLO and a random nonce, and
+ * the session starts at the agent's HELLO carrying that nonce; every byte before it is
+ * skipped (searched for the HELLO header, not decoded). Over a virtio-serial port that is
+ * what makes a new host safe: the port outlives host connections, so the agent may still
+ * be sending the rest of the previous host's frames, and it cannot always notice a quick
+ * reconnect by itself (the driver's hang-up state is level-triggered). HOST_HELLO is
+ * repeated every second until answered, in case the first was lost in a frame the previous
+ * host left half-written.
+ *
+ * Everything the agent says then arrives in order on that one stream, so a single dispatch
  * function routes frames by type and stream id: execs and requests (ping, power) share one
- * id space. A second HELLO on the same stream means the agent started over (it dropped its
- * end and killed what it ran), so every pending operation fails with AGENT_GONE and 'hello'
- * is emitted again; the stream itself closing fails everything and ends the client.
+ * id space. A later HELLO that does not carry our nonce means the agent started over (it
+ * dropped its end and killed what it ran), so every pending operation fails with AGENT_GONE
+ * and 'hello' is emitted again; the stream itself closing fails everything and ends the
+ * client.
  *
  * Flow control (docs/agent-protocol.md): stdout/stderr credit is given back as the consumer
  * of each Readable takes the bytes, so a command writing faster than its output is consumed
  * blocks inside the guest; stdin is sent only within the credit the agent granted.
  */
+import { randomInt } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { Readable, Writable, type Duplex } from 'node:stream';
 import {
@@ -33,6 +44,7 @@ import {
   decodeWindow,
   encodeExecPayload,
   encodeFrame,
+  encodeHostHelloPayload,
   encodeResizePayload,
   encodeSignalPayload,
   encodeWindowPayload,
@@ -262,6 +274,10 @@ export class AgentClient extends EventEmitter {
   private readonly window: number;
   private resolveReady!: (h: Hello) => void;
   private rejectReady!: (e: AgentError) => void;
+  private readonly nonce = randomInt(1, 0xffffffff);
+  /** Before the session starts: bytes searched for the HELLO that answers our HOST_HELLO. */
+  private preamble: Buffer | null = Buffer.alloc(0);
+  private helloTimer: NodeJS.Timeout | null = null;
   private readonly onData = (chunk: Buffer) => this.receive(chunk);
   private readonly onEnd = () => this.shutdown(new AgentError('AGENT_GONE', 'the agent connection closed'));
   private readonly onError = (e: Error) => this.shutdown(new AgentError('AGENT_GONE', `the agent connection failed: ${e.message}`));
@@ -277,6 +293,33 @@ export class AgentClient extends EventEmitter {
     io.on('end', this.onEnd);
     io.on('close', this.onEnd);
     io.on('error', this.onError);
+    this.sendHostHello();
+  }
+
+  private sendHostHello(): void {
+    this.sendFrame(MsgType.HOST_HELLO, this.nonce, encodeHostHelloPayload());
+    this.helloTimer = setTimeout(() => this.sendHostHello(), 1000);
+    this.helloTimer.unref();
+  }
+
+  /**
+   * Skip to the HELLO answering our HOST_HELLO: `len(4) | 0x01 | nonce(4)`. Keeps only the
+   * last 8 bytes between chunks, so a host that gets garbage never buffers it.
+   */
+  private findSessionStart(chunk: Buffer): Buffer | null {
+    const b = this.preamble!.length ? Buffer.concat([this.preamble!, chunk]) : chunk;
+    const sig = Buffer.alloc(5);
+    sig[0] = MsgType.HELLO;
+    sig.writeUInt32BE(this.nonce, 1);
+    for (let at = b.indexOf(sig, 4); at >= 0; at = b.indexOf(sig, at + 1)) {
+      const len = b.readUInt32BE(at - 4);
+      if (len >= 7 && len <= 5 + MAX_PAYLOAD) {
+        this.preamble = null;
+        return b.subarray(at - 4);
+      }
+    }
+    this.preamble = Buffer.from(b.subarray(Math.max(0, b.length - 8)));
+    return null;
   }
 
   /** @internal Write one frame; false when the transport wants us to wait for 'drain'. */
@@ -368,6 +411,7 @@ export class AgentClient extends EventEmitter {
   private shutdown(e: AgentError): void {
     if (this.closed) return;
     this.closed = e;
+    if (this.helloTimer) clearTimeout(this.helloTimer);
     this.io.off('data', this.onData);
     this.failAll(e, true);
     this.rejectReady(e);
@@ -387,7 +431,10 @@ export class AgentClient extends EventEmitter {
     }
   }
 
-  private receive(chunk: Buffer): void {
+  private receive(data: Buffer): void {
+    let chunk: Buffer | null = data;
+    if (this.preamble) chunk = this.findSessionStart(data);
+    if (!chunk) return;
     const ok = this.decoder.push(chunk, (f) => {
       if (this.closed) return;
       try {
@@ -404,7 +451,14 @@ export class AgentClient extends EventEmitter {
     switch (f.type) {
       case MsgType.HELLO: {
         const hello = decodeHello(f.payload);
-        if (this.hello) this.failAll(new AgentError('AGENT_GONE', 'the agent restarted its session'), false);
+        if (!this.hello) {
+          if (this.helloTimer) clearTimeout(this.helloTimer);
+          this.helloTimer = null;
+        } else if (f.stream === this.nonce) {
+          return; // the answer to a repeated HOST_HELLO: same session
+        } else {
+          this.failAll(new AgentError('AGENT_GONE', 'the agent restarted its session'), false);
+        }
         this.hello = hello;
         this.resolveReady(hello);
         this.emit('hello', hello);

@@ -16,6 +16,7 @@ export const MsgType = {
   HELLO: 0x01,
   PING: 0x02,
   PONG: 0x03,
+  HOST_HELLO: 0x04,
   EXEC: 0x10,
   STARTED: 0x11,
   STDIN: 0x12,
@@ -248,6 +249,10 @@ class Reader {
   end(): void {
     if (this.off !== this.b.length) throw new PayloadError(`${this.b.length - this.off} trailing bytes`);
   }
+}
+
+export function encodeHostHelloPayload(): Buffer {
+  return new Writer(2).u16(PROTOCOL_VERSION).buf;
 }
 
 export function decodeHello(p: Uint8Array): Hello {

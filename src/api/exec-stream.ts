@@ -110,7 +110,7 @@ export function serveExec(sock: Duplex, agent: DaemonAgentSession, req: ExecRequ
       sock.end();
     },
     (err: { code?: string; message: string }) => {
-      send(F.ERROR, Buffer.from(JSON.stringify({ code: err.code === 'EXEC_FAILED' ? 'EXEC_FAILED' : 'AGENT_UNAVAILABLE', message: err.message })));
+      send(F.ERROR, Buffer.from(JSON.stringify({ code: err.code === 'EXEC_FAILED' ? 'EXEC_FAILED' : 'AGENT_GONE', message: err.message })));
       sock.end();
     },
   );

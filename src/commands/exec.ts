@@ -8,7 +8,7 @@ import { constants } from 'node:os';
 import type { Duplex } from 'node:stream';
 import { Client } from '../client.js';
 import { F, FrameReader, frame } from '../api/exec-stream.js';
-import { TenderError, type ErrorCode } from '../errors.js';
+import { ERRORS, TenderError, type ErrorCode } from '../errors.js';
 
 export async function runExec(name: string, argv: string[], opts: { tty: boolean; env?: Record<string, string>; cwd?: string }): Promise<number> {
   const client = new Client();
@@ -30,7 +30,7 @@ export async function runExec(name: string, argv: string[], opts: { tty: boolean
       for await (const d of res) body += d;
       try {
         const e = JSON.parse(body);
-        reject(new TenderError(e.code as ErrorCode, e.message));
+        reject(new TenderError((e.code in ERRORS ? e.code : 'INTERNAL') as ErrorCode, e.message));
       } catch {
         reject(new TenderError('INTERNAL', `unexpected reply ${res.statusCode}: ${body}`));
       }
@@ -55,7 +55,7 @@ export async function runExec(name: string, argv: string[], opts: { tty: boolean
       } else if (type === F.ERROR) {
         const e = JSON.parse(p.toString());
         restore();
-        reject(new TenderError(e.code as ErrorCode, e.message));
+        reject(new TenderError((e.code in ERRORS ? e.code : 'AGENT_GONE') as ErrorCode, e.message));
       }
     });
     sock.on('data', (d: Buffer) => reader.push(d));
