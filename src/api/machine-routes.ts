@@ -8,15 +8,18 @@ import { Type } from '@sinclair/typebox';
 import { createReadStream, existsSync, statSync, watch } from 'node:fs';
 import { TenderError } from '../errors.js';
 import type { EventBus } from '../daemon/events.js';
-import { MachineName, parseNet } from '../daemon/machine-config.js';
+import { parseNet } from '../daemon/machine-config.js';
 import type { MachineManager } from '../daemon/machines.js';
 import type { Api } from './server.js';
 
-const Name = Type.Object({ name: MachineName });
+// Names are checked by the manager, so a bad one gets BAD_MACHINE_NAME (or MACHINE_NOT_FOUND)
+// rather than a generic schema error.
+const AnyName = Type.String({ minLength: 1, maxLength: 253 });
+const Name = Type.Object({ name: AnyName });
 
 const Create = Type.Object(
   {
-    name: MachineName,
+    name: AnyName,
     cpus: Type.Optional(Type.Integer({ minimum: 1, maximum: 64 })),
     memoryMiB: Type.Optional(Type.Integer({ minimum: 64, maximum: 1024 * 1024 })),
     image: Type.Optional(Type.String({ maxLength: 4096 })),
