@@ -57,10 +57,13 @@ export function buildProgram(): Command {
 
   program
     .command('demo')
-    .description('create a namespace, serve it, and show DHCP, DNS, ping and UDP NAT working')
-    .option('--keep', 'leave the namespace and stack running until interrupted')
+    .description('boot a machine from the default image and show its network, exec and a forwarded port (--netns: serve a network namespace instead)')
+    .option('--netns', 'the network namespace demo: DHCP, DNS, ping, UDP and TCP NAT from a namespace')
+    .option('--keep', 'with --netns: leave the namespace served until interrupted')
     .action(async (opts) => {
-      await runDemo({ keep: !!opts.keep });
+      if (opts.netns) return runDemo({ keep: !!opts.keep });
+      const { runMachineDemo } = await import('./commands/demo-machine.js');
+      await runMachineDemo();
     });
 
   program

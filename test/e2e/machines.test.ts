@@ -141,6 +141,21 @@ describe.skipIf(why !== null)('machines, end to end (TCG)', () => {
     expect([r.code, r.stdout, r.stderr]).toEqual([7, 'out\n', 'err\n']);
   });
 
+  it('gives a terminal with -t, and shows the serial console', async () => {
+    expect((await ok(['machine', 'exec', '-t', 'a', '--', 'tty'])).trim()).toMatch(/^\/dev\/pts\/\d+$/);
+    expect(await ok(['machine', 'logs', 'a'])).toMatch(/Linux version/);
+  });
+
+  it('streams events as NDJSON', async () => {
+    const chunks: string[] = [];
+    const req = http.get({ socketPath: join(home, 'tender.sock'), path: '/v1/events' }, (res) => res.on('data', (d) => chunks.push(String(d))));
+    await new Promise((r) => setTimeout(r, 200));
+    await ok(['forward', 'add', 'a', '0:9999']);
+    await waitFor(() => chunks.join('').split('\n').some((l) => l.includes('"forward.added"') && l.includes('"machine":"a"')), 5000);
+    req.destroy();
+    await ok(['forward', 'rm', 'a', JSON.parse(await ok(['forward', 'ls', 'a', '--json'])).find((f: { guestPort: number }) => f.guestPort === 9999).spec]);
+  });
+
   it('downloads from a host server through NAT, byte for byte', async () => {
     const sum = await ok(['machine', 'exec', 'a', '--', 'sh', '-c', `wget -qO- http://host.tender.internal:${hostPort}/blob | sha256sum`]);
     expect(sum.split(' ')[0]).toBe(blobHash);
