@@ -69,7 +69,7 @@ export function parseExecHeader(h: string | string[] | undefined): ExecRequest {
 /** Run the command through the agent and bridge it to the upgraded connection. */
 export function serveExec(sock: Duplex, agent: DaemonAgentSession, req: ExecRequest): void {
   const h = agent.exec(req.argv, { tty: req.tty, rows: req.rows, cols: req.cols, env: req.env, cwd: req.cwd });
-  const send = (type: number, payload?: Uint8Array) => sock.write(frame(type, payload));
+  const send = (type: number, payload?: Uint8Array) => (sock.destroyed || !sock.writable ? true : sock.write(frame(type, payload)));
   const pipeOut = (r: NodeJS.ReadableStream, type: number) => {
     r.on('data', (d: Buffer) => {
       if (!send(type, d)) {

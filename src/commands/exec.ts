@@ -58,6 +58,12 @@ export async function runExec(name: string, argv: string[], opts: { tty: boolean
         reject(new TenderError((e.code in ERRORS ? e.code : 'AGENT_GONE') as ErrorCode, e.message));
       }
     });
+    // The daemon ends the connection once the command exited; stdin that arrives later (or
+    // its EOF) has nowhere to go and is dropped rather than written to a closed socket.
+    const send = (b: Buffer) => {
+      if (!sock.destroyed && sock.writable) sock.write(b);
+    };
+    sock.on('error', () => {});
     sock.on('data', (d: Buffer) => reader.push(d));
     sock.on('close', () => {
       restore();
@@ -70,14 +76,14 @@ export async function runExec(name: string, argv: string[], opts: { tty: boolean
         const b = Buffer.alloc(4);
         b.writeUInt16BE(process.stdout.rows ?? 24, 0);
         b.writeUInt16BE(process.stdout.columns ?? 80, 2);
-        sock.write(frame(F.RESIZE, b));
+        send(frame(F.RESIZE, b));
       });
     } else {
       // Signals to us go to the command, so Ctrl-C stops the remote process first.
-      for (const s of ['SIGINT', 'SIGTERM'] as const) process.on(s, () => sock.write(frame(F.SIGNAL, Buffer.from(s))));
+      for (const s of ['SIGINT', 'SIGTERM'] as const) process.on(s, () => send(frame(F.SIGNAL, Buffer.from(s))));
     }
-    process.stdin.on('data', (d: Buffer) => sock.write(frame(F.STDIN, d)));
-    process.stdin.on('end', () => sock.write(frame(F.STDIN_EOF)));
+    process.stdin.on('data', (d: Buffer) => send(frame(F.STDIN, d)));
+    process.stdin.on('end', () => send(frame(F.STDIN_EOF)));
     process.stdin.resume();
   });
 }
