@@ -25,7 +25,7 @@ import type { Gateway } from '../iface/gateway.js';
 import type { PendingSyn, TcpStack } from '../tcp/stack.js';
 import { IcmpType, UnreachCode } from '../wire/icmpv4.js';
 import { IPV4_HLEN, IpProto, emitIpv4 } from '../wire/ipv4.js';
-import { bridge } from './tcp-bridge.js';
+import { HostReader, bridge } from './tcp-bridge.js';
 
 export interface TcpNatOptions {
   counters: Counters;
@@ -89,7 +89,8 @@ export class TcpNat {
     }
     this.pending.set(guest, n + 1);
     c.inc('tcp_nat.dial');
-    const sock = this.o.dial ? this.o.dial(host, t.localPort) : net.connect({ host, port: t.localPort, noDelay: true });
+    const reader = new HostReader();
+    const sock = this.o.dial ? this.o.dial(host, t.localPort) : net.connect({ host, port: t.localPort, noDelay: true, onread: reader.option() });
     let settled = false;
     const settle = () => {
       if (settled) return false;
@@ -120,7 +121,7 @@ export class TcpNat {
       }
       c.inc('tcp_nat.connected');
       this.active++;
-      bridge(conn, sock, c, () => this.active--);
+      bridge(conn, sock, c, () => this.active--, this.o.dial ? undefined : reader);
     });
     sock.once('error', (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);
