@@ -9,6 +9,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { serveNetns } from './commands/netns.js';
 import { runDemo } from './commands/demo.js';
 import { registerMachineCommands } from './commands/machine.js';
+import { registerUsbCommands } from './commands/usb.js';
 import { TenderError } from './errors.js';
 import { createLogger } from './log.js';
 
@@ -108,6 +109,7 @@ export function buildProgram(): Command {
     });
 
   registerMachineCommands(program);
+  registerUsbCommands(program);
   return program;
 }
 

@@ -26,7 +26,7 @@ export const ERRORS = {
   MACHINE_EXISTS: { status: 409, exit: 5, summary: 'A machine with that name already exists.' },
   MACHINE_STATE: { status: 409, exit: 5, summary: 'The machine is not in a state that allows this (e.g. rm of a running machine without --force).' },
   IMAGE_UNAVAILABLE: { status: 400, exit: 6, summary: 'The default image cannot be built here (no apt/dpkg): give --kernel and --initrd, or --disk.' },
-  FILE_NOT_FOUND: { status: 400, exit: 3, summary: 'A kernel, initrd or disk file given does not exist.' },
+  FILE_NOT_FOUND: { status: 400, exit: 3, summary: 'A file given (kernel, initrd, disk or storage image) does not exist.' },
   VMM_FAILED: { status: 500, exit: 6, summary: 'The VMM (QEMU, vfkit) failed to start or exited; the message has its last words.' },
   AGENT_UNAVAILABLE: { status: 409, exit: 6, summary: 'The guest agent is not connected (machine stopped, still booting, or the image has no agent).' },
   EXEC_FAILED: { status: 400, exit: 127, summary: 'The command could not be started in the machine (not found, not executable, bad working directory).' },
