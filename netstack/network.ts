@@ -18,6 +18,7 @@ import { Forwards } from './services/forwards.js';
 import { serveDnsTcp } from './services/dns-tcp.js';
 import { TcpNat } from './services/tcp-nat.js';
 import { TcpStack } from './tcp/stack.js';
+import type { TcpConnection } from './tcp/connection.js';
 import { IpProto } from './wire/ipv4.js';
 import { type Clock, SystemClock } from './time.js';
 import { UdpLayer } from './udp/udp-layer.js';
@@ -61,6 +62,8 @@ export class Network extends EventEmitter<{ lease: [LeaseEvent] }> {
   readonly forwards: Forwards;
   readonly tcp: TcpStack;
   readonly tcpNat: TcpNat;
+  /** TCP services on the gateway's own address (DNS; USB/IP for machines): port → handler. */
+  private readonly localTcp = new Map<number, (conn: TcpConnection) => void>();
   private readonly log: NetLogger;
   private readonly ports: SwitchPort[] = [];
   private defaultGuestIp: Ip4 | null;
@@ -166,8 +169,9 @@ export class Network extends EventEmitter<{ lease: [LeaseEvent] }> {
       gateway: this.gateway,
       hostAlias: cfg.hostAlias,
       hostLoopback: cfg.hostLoopback,
-      local: new Map([[53, (conn) => serveDnsTcp(conn, this.dns, counters)]]),
+      local: this.localTcp,
     });
+    this.localTcp.set(53, (conn) => serveDnsTcp(conn, this.dns, counters));
 
     this.defaultGuestIp = cfg.poolStart;
     this.forwards = new Forwards({
@@ -178,6 +182,18 @@ export class Network extends EventEmitter<{ lease: [LeaseEvent] }> {
       subnet: cfg.subnet,
       aliasIp: cfg.hostAlias ?? cfg.gatewayIp,
     });
+  }
+
+  /**
+   * Serve TCP `port` on the gateway address, inside the virtual network only (never on a host
+   * interface): each connection from a guest goes to `handler`.
+   */
+  serveTcp(port: number, handler: (conn: TcpConnection) => void): () => void {
+    if (this.localTcp.has(port)) throw new Error(`gateway TCP port ${port} is already served`);
+    this.localTcp.set(port, handler);
+    return () => {
+      if (this.localTcp.get(port) === handler) this.localTcp.delete(port);
+    };
   }
 
   /** The guest a forward goes to when none is named (the namespace served by `tender netns`). */

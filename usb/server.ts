@@ -59,11 +59,24 @@ export class UsbIpServer implements DeviceRegistry {
     this.claimed.delete(dev.busid);
   }
 
-  /** Serve one already-connected stream. */
-  async accept(sock: Duplex): Promise<ConnectionOutcome> {
+  /**
+   * Serve one already-connected stream. `allowed` narrows what this client may list and import
+   * (a machine sees only the devices attached to it).
+   */
+  async accept(sock: Duplex, allowed?: (dev: UsbDevice) => boolean): Promise<ConnectionOutcome> {
     this.sockets.add(sock);
     sock.once('close', () => this.sockets.delete(sock));
-    const out = await handleConnection(sock, this, this.log, this.opts);
+    const reg: DeviceRegistry = allowed
+      ? {
+          list: () => this.list().filter(allowed),
+          claim: (busid) => {
+            const d = this.devices.get(busid);
+            return d && allowed(d) ? this.claim(busid) : undefined;
+          },
+          release: (dev) => this.release(dev),
+        }
+      : this;
+    const out = await handleConnection(sock, reg, this.log, this.opts);
     if (out.op === 'import' && out.attached) {
       const a = out.attached;
       this.attached.add(a);

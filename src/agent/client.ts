@@ -41,18 +41,22 @@ import {
   decodeHello,
   decodeListeners,
   decodeStarted,
+  decodeUsbAttached,
   decodeWindow,
   encodeExecPayload,
   encodeFrame,
   encodeHostHelloPayload,
   encodeResizePayload,
   encodeSignalPayload,
+  encodeUsbAttachPayload,
+  encodeUsbDetachPayload,
   encodeWindowPayload,
   signalName,
   signalNumber,
 } from './protocol.js';
 
-export type { Hello, Listener } from './protocol.js';
+export type { Hello, Listener, UsbAttachRequest, UsbAttached } from './protocol.js';
+import type { UsbAttachRequest, UsbAttached } from './protocol.js';
 
 /**
  * Stable codes of AgentError:
@@ -63,8 +67,11 @@ export type { Hello, Listener } from './protocol.js';
  * - EXEC_FAILED: the command could not be started (`errno`: the guest's Linux errno).
  * - AGENT_REJECTED: the agent refused the request (`agentCode` says which rule: too many
  *   processes, power control disabled or failed, a malformed request).
+ * - USB_FAILED: a USB attach or detach failed in the guest (`agentCode`: USB_FAILED with the
+ *   guest's `errno` for connect, timeout, vhci-hcd missing or a sysfs write; USB_IMPORT_REFUSED
+ *   when the server refused the import; USB_NO_PORT when the hub of that speed is full).
  */
-export type AgentErrorCodeName = 'AGENT_GONE' | 'AGENT_CLOSED' | 'AGENT_PROTOCOL' | 'AGENT_TIMEOUT' | 'EXEC_FAILED' | 'AGENT_REJECTED';
+export type AgentErrorCodeName = 'AGENT_GONE' | 'AGENT_CLOSED' | 'AGENT_PROTOCOL' | 'AGENT_TIMEOUT' | 'EXEC_FAILED' | 'AGENT_REJECTED' | 'USB_FAILED';
 
 export class AgentError extends Error {
   readonly code: AgentErrorCodeName;
@@ -109,7 +116,7 @@ const DEFAULT_WINDOW = 256 * 1024;
 /** STDIN frames are cut to this size (the agent's buffer is 64 KiB). */
 const STDIN_CHUNK = 32 * 1024;
 
-type Pending = { resolve: (v: never) => void; reject: (e: AgentError) => void; kind: 'ping' | 'power'; timer?: NodeJS.Timeout; sent?: number };
+type Pending = { resolve: (v: never) => void; reject: (e: AgentError) => void; kind: 'ping' | 'power' | 'usb-attach' | 'usb-detach'; timer?: NodeJS.Timeout; sent?: number };
 
 function quiet<T>(p: Promise<T>): Promise<T> {
   p.catch(() => {});
@@ -403,6 +410,48 @@ export class AgentClient extends EventEmitter {
     });
   }
 
+  /**
+   * Import a USB/IP device in the guest and attach it to vhci-hcd: the agent connects to
+   * host:port from inside the machine, does OP_REQ_IMPORT for `busid`, and hands the socket to
+   * the kernel on a free port of the hub matching the device's speed. Rejects with USB_FAILED
+   * (agentCode, errno say why), or AGENT_TIMEOUT after `timeoutMs` (the agent gives up on
+   * the handshake after 10 s by itself).
+   */
+  usbAttach(req: UsbAttachRequest, timeoutMs = 30_000): Promise<UsbAttached> {
+    let payload: Buffer;
+    try {
+      payload = encodeUsbAttachPayload(req);
+    } catch (e) {
+      return Promise.reject(new AgentError('USB_FAILED', `bad USB attach request: ${(e as Error).message}`));
+    }
+    return this.request<UsbAttached>('usb-attach', MsgType.USB_ATTACH, payload, timeoutMs);
+  }
+
+  /** Detach the device on vhci_hcd.0 port `vhciPort` (the `port` usbAttach returned). */
+  usbDetach(vhciPort: number, timeoutMs = 10_000): Promise<void> {
+    let payload: Buffer;
+    try {
+      payload = encodeUsbDetachPayload(vhciPort);
+    } catch (e) {
+      return Promise.reject(new AgentError('USB_FAILED', `bad USB detach request: ${(e as Error).message}`));
+    }
+    return this.request<void>('usb-detach', MsgType.USB_DETACH, payload, timeoutMs);
+  }
+
+  private request<T>(kind: Pending['kind'], type: number, payload: Buffer, timeoutMs: number): Promise<T> {
+    if (this.closed) return Promise.reject(this.closed);
+    const id = this.allocId();
+    return new Promise<T>((resolve, reject) => {
+      const p: Pending = { resolve: resolve as (v: never) => void, reject, kind };
+      p.timer = setTimeout(() => {
+        this.requests.delete(id);
+        reject(new AgentError('AGENT_TIMEOUT', `no answer to ${kind} within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.requests.set(id, p);
+      this.sendFrame(type, id, payload);
+    });
+  }
+
   /** Fail everything with AGENT_CLOSED and destroy the stream. */
   close(): void {
     this.shutdown(new AgentError('AGENT_CLOSED', 'the agent client was closed'));
@@ -494,6 +543,18 @@ export class AgentClient extends EventEmitter {
         h?.onExit(e);
         return;
       }
+      case MsgType.USB_ATTACHED:
+      case MsgType.USB_DETACHED: {
+        const p = this.requests.get(f.stream);
+        const kind = f.type === MsgType.USB_ATTACHED ? 'usb-attach' : 'usb-detach';
+        if (p?.kind !== kind) return;
+        const value = f.type === MsgType.USB_ATTACHED ? decodeUsbAttached(f.payload) : undefined;
+        if (f.type === MsgType.USB_DETACHED && f.payload.length !== 0) throw new PayloadError(`${f.payload.length} trailing bytes`);
+        this.requests.delete(f.stream);
+        clearTimeout(p.timer);
+        (p.resolve as (v: unknown) => void)(value);
+        return;
+      }
       case MsgType.LISTENERS: {
         this.listenerSet = decodeListeners(f.payload);
         this.emit('listeners', this.listenerSet);
@@ -501,7 +562,12 @@ export class AgentClient extends EventEmitter {
       }
       case MsgType.ERROR: {
         const m = decodeError(f.payload);
-        const code = m.code === AgentErrorCode.EXEC_FAILED ? 'EXEC_FAILED' : 'AGENT_REJECTED';
+        const code: AgentErrorCodeName =
+          m.code === AgentErrorCode.EXEC_FAILED
+            ? 'EXEC_FAILED'
+            : m.code === AgentErrorCode.USB_FAILED || m.code === AgentErrorCode.USB_IMPORT_REFUSED || m.code === AgentErrorCode.USB_NO_PORT
+              ? 'USB_FAILED'
+              : 'AGENT_REJECTED';
         const err = new AgentError(code, m.message, { errno: m.errno || undefined, agentCode: m.code });
         const h = this.execs.get(f.stream);
         if (h) {

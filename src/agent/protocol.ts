@@ -30,6 +30,10 @@ export const MsgType = {
   LISTENERS: 0x20,
   POWEROFF: 0x30,
   REBOOT: 0x31,
+  USB_ATTACH: 0x40,
+  USB_ATTACHED: 0x41,
+  USB_DETACH: 0x42,
+  USB_DETACHED: 0x43,
   ERROR: 0x7f,
 } as const;
 export type MsgType = (typeof MsgType)[keyof typeof MsgType];
@@ -49,6 +53,9 @@ export const AgentErrorCode = {
   TOO_MANY_STREAMS: 5,
   POWER_FAILED: 6,
   POWER_DISABLED: 7,
+  USB_FAILED: 8,
+  USB_IMPORT_REFUSED: 9,
+  USB_NO_PORT: 10,
 } as const;
 
 export const IPPROTO_TCP = 6;
@@ -104,6 +111,26 @@ export interface Listener {
   /** Local address, dotted quad or RFC 5952 IPv6 text ("0.0.0.0" and "::" are "any"). */
   address: string;
   port: number;
+}
+
+/** USB_ATTACH: import `busid` from the USB/IP server at host:port and attach it to vhci-hcd. */
+export interface UsbAttachRequest {
+  /** IPv4 or IPv6 literal as the guest reaches it (the gateway address inside the machine's network). */
+  host: string;
+  port: number;
+  busid: string;
+  /** enum usb_device_speed to attach with; 0 or absent: the speed in the server's device record. */
+  speed?: number;
+}
+
+/** USB_ATTACHED: where the device went. */
+export interface UsbAttached {
+  /** vhci_hcd.0 port (as in its `status` file; the argument of USB_DETACH). */
+  port: number;
+  /** busnum << 16 | devnum, from the server's device record. */
+  devid: number;
+  /** The speed written to `attach` (enum usb_device_speed). */
+  speed: number;
 }
 
 /** Thrown by the payload decoders on a malformed payload. */
@@ -206,6 +233,50 @@ export function encodeResizePayload(rows: number, cols: number): Buffer {
 
 export function encodeSignalPayload(signal: number): Buffer {
   return new Writer(4).u32(signal).buf;
+}
+
+/** `u16 port | u8 speed | str host | str busid`; the busid must fit the kernel's 32-byte field. */
+export function encodeUsbAttachPayload(req: UsbAttachRequest): Buffer {
+  if (!Number.isInteger(req.port) || req.port < 1 || req.port > 0xffff) throw new RangeError(`port ${req.port} out of range 1..65535`);
+  const speed = req.speed ?? 0;
+  if (!Number.isInteger(speed) || speed < 0 || speed > 0xff) throw new RangeError(`speed ${speed} out of range 0..255`);
+  const host = strBytes(req.host, 'host');
+  const busid = strBytes(req.busid, 'busid');
+  if (host.length === 0 || host.length > 63) throw new RangeError('host must be 1..63 bytes');
+  if (busid.length === 0 || busid.length > 31) throw new RangeError('busid must be 1..31 bytes');
+  return new Writer(2 + 1 + 4 + host.length + 4 + busid.length).u16(req.port).u8(speed).str(host).str(busid).buf;
+}
+
+export function decodeUsbAttachPayload(p: Uint8Array): UsbAttachRequest {
+  const r = new Reader(p);
+  const port = r.u16();
+  const speed = r.u8();
+  const req = { host: r.str(), port, busid: r.str(), speed };
+  r.end();
+  return req;
+}
+
+export function encodeUsbAttachedPayload(a: UsbAttached): Buffer {
+  return new Writer(12).u32(a.port).u32(a.devid).u32(a.speed).buf;
+}
+
+export function decodeUsbAttached(p: Uint8Array): UsbAttached {
+  const r = new Reader(p);
+  const a = { port: r.u32(), devid: r.u32(), speed: r.u32() };
+  r.end();
+  return a;
+}
+
+export function encodeUsbDetachPayload(port: number): Buffer {
+  if (!Number.isInteger(port) || port < 0 || port > 0xffffffff) throw new RangeError(`vhci port ${port} out of range`);
+  return new Writer(4).u32(port).buf;
+}
+
+export function decodeUsbDetachPayload(p: Uint8Array): number {
+  const r = new Reader(p);
+  const port = r.u32();
+  r.end();
+  return port;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ import { FileBackend } from '../../usb/devices/scsi.js';
 import { StorageDevice } from '../../usb/devices/storage.js';
 import { UsbIpServer } from '../../usb/server.js';
 import { TenderError } from '../errors.js';
+import { Client } from '../client.js';
+import type { UsbDeviceInfo } from '../daemon/usb.js';
+import { table } from './table.js';
 import { createLogger, type Logger } from '../log.js';
 
 const collect = (v: string, prev: string[]) => [...prev, v];
@@ -108,5 +111,61 @@ export function registerUsbCommands(program: Command): void {
         process.once('SIGTERM', () => stop('SIGTERM'));
       });
       await served.stop();
+    });
+
+  // The daemon's devices: virtual devices and attachments to machines.
+  const c = () => new Client();
+  const print = (s: string): void => void process.stdout.write(s);
+  usb
+    .command('ls')
+    .description('list USB devices: id, busid, VID:PID, device, state')
+    .option('--json', 'JSON')
+    .action(async (o) => {
+      const ds = await c().request<UsbDeviceInfo[]>('GET', '/v1/usb/devices');
+      if (o.json) return print(JSON.stringify(ds, null, 2) + '\n');
+      print(
+        table(
+          ['ID', 'BUSID', 'VID:PID', 'DEVICE', 'STATE'],
+          ds.map((d) => [d.id, d.busid, d.vidpid, `${d.kind}${d.name ? ` ${d.name}` : ''} ${d.image}${d.readOnly ? ' (ro)' : ''}`, d.machine ? `attached to ${d.machine}` : d.state]),
+        ),
+      );
+    });
+  const virt = usb.command('virtual').description('virtual USB devices');
+  virt
+    .command('add')
+    .argument('<kind>', 'storage')
+    .requiredOption('--image <file>', 'the disk image (raw, 512-byte blocks)')
+    .option('--read-only', 'the guest cannot write')
+    .option('--name <name>', 'a name to refer to it by')
+    .option('--json', 'print the created device as JSON')
+    .action(async (kind: string, o) => {
+      if (kind !== 'storage') throw new TenderError('BAD_ARGUMENT', `unknown virtual device kind "${kind}": storage`);
+      const d = await c().request<UsbDeviceInfo>('POST', '/v1/usb/virtual', { kind, image: o.image, readOnly: !!o.readOnly, name: o.name });
+      print(o.json ? JSON.stringify(d, null, 2) + '\n' : `${d.id}\n`);
+    });
+  virt
+    .command('rm')
+    .argument('<id>')
+    .action(async (id: string) => {
+      await c().request('DELETE', `/v1/usb/virtual/${encodeURIComponent(id)}`);
+      print(`${id}\n`);
+    });
+  usb
+    .command('attach')
+    .argument('<machine>')
+    .argument('<device>', 'id, busid or name (tender usb ls)')
+    .option('--json', 'JSON')
+    .description('attach a device to a machine (kept across restarts)')
+    .action(async (machine: string, device: string, o) => {
+      const d = await c().request<UsbDeviceInfo>('POST', '/v1/usb/attach', { machine, device });
+      print(o.json ? JSON.stringify(d, null, 2) + '\n' : `${d.id} attached to ${machine}${d.port !== null ? ` (port ${d.port})` : ''}\n`);
+    });
+  usb
+    .command('detach')
+    .argument('<machine>')
+    .argument('<device>')
+    .action(async (machine: string, device: string) => {
+      await c().request('POST', '/v1/usb/detach', { machine, device });
+      print(`${device}\n`);
     });
 }

@@ -17,6 +17,8 @@ import { errorResponse, parseExecHeader, serveExec, upgradeResponse } from '../a
 import { TenderError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { EventBus } from './events.js';
+import { UsbManager } from './usb.js';
+import { registerUsbRoutes } from '../api/usb-routes.js';
 import { type ImageProvider, MachineManager, type MachineManagerOptions } from './machines.js';
 import { type Paths, paths as pathsFor } from './paths.js';
 import type { VmmDriver } from '../vmm/driver.js';
@@ -32,6 +34,7 @@ export interface Daemon {
   paths: Paths;
   network: Network;
   machines: MachineManager;
+  usb: UsbManager;
   events: EventBus;
   api: Api;
   stop(): Promise<void>;
@@ -66,10 +69,15 @@ export async function startDaemon(o: { home?: string; log: Logger; deps: DaemonD
     openBridgeTap: o.deps.openBridgeTap,
     bootTimeoutMs: o.bootTimeoutMs,
   });
+  const usb = new UsbManager({ paths: p, network, machines, events, log: o.log.child({ component: 'usb' }) });
+  await usb.load();
+  machines.hooks.agentReady = (name) => void usb.restore(name);
+  machines.hooks.stopped = (name) => usb.machineStopped(name);
   await machines.load();
   const api = await createApi({ log: o.log, title: 'tender daemon API' });
   registerNetworkRoutes(api, network, { v1Prefix: '/v1/network' });
   registerMachineRoutes(api, machines, events);
+  registerUsbRoutes(api, usb);
   api.server.on('upgrade', (req: IncomingMessage, sock: Duplex) => {
     // Only exec upgrades exist; anything else is refused like an unknown route.
     const m = /^\/v1\/machines\/([^/?]+)\/exec(\?.*)?$/.exec(req.url ?? '');
@@ -97,6 +105,7 @@ export async function startDaemon(o: { home?: string; log: Logger; deps: DaemonD
     paths: p,
     network,
     machines,
+    usb,
     events,
     api,
     async stop() {
@@ -104,6 +113,7 @@ export async function startDaemon(o: { home?: string; log: Logger; deps: DaemonD
       stopped = true;
       await api.close();
       await machines.close();
+      await usb.close();
       network.close();
       rmSync(p.pidFile, { force: true });
     },

@@ -37,6 +37,9 @@ export interface AgentSession {
   onListeners(fn: (ls: { proto: 'tcp' | 'udp'; address: string; port: number }[]) => void): void;
   poweroff(): Promise<void>;
   exec(argv: string[], opts: ExecOptions): ExecHandle;
+  /** Import a USB/IP device into the guest's vhci-hcd; resolves with the vhci port. */
+  usbAttach?(o: { host: string; port: number; busid: string }): Promise<{ port: number }>;
+  usbDetach?(vhciPort: number): Promise<void>;
   close(): void;
 }
 
@@ -116,11 +119,18 @@ export interface MachineManagerOptions {
   bootTimeoutMs?: number;
 }
 
+/** Hooks for other daemon parts (USB attachments follow the machine's agent). */
+export interface MachineHooks {
+  agentReady?: (name: string) => void;
+  stopped?: (name: string) => void;
+}
+
 export class MachineManager {
   private readonly configs = new Map<string, MachineConfig>();
   private readonly runtime = new Map<string, MachineRuntime>();
   private readonly live = new Map<string, Live>();
   private readonly locks = new Map<string, Promise<unknown>>();
+  readonly hooks: MachineHooks = {};
 
   constructor(private readonly o: MachineManagerOptions) {
     o.network.on('lease', (l) => {
@@ -409,6 +419,7 @@ export class MachineManager {
       const rt = this.runtime.get(name)!;
       const expected = live.stopping;
       this.teardown(name, live);
+      this.hooks.stopped?.(name);
       rt.lastExit = { reason: info.reason, at: new Date().toISOString() };
       delete rt.pid;
       this.setState(name, expected ? 'stopped' : 'crashed', info.reason);
@@ -654,6 +665,7 @@ export class MachineManager {
       () => {
         live.agentReady = true;
         this.o.log.info({ machine: name }, 'guest agent connected');
+        this.hooks.agentReady?.(name);
       },
       () => {},
     );
