@@ -19,7 +19,7 @@ import { DatagramLink } from '../../netstack/link/datagram.js';
 import type { Link } from '../../netstack/link/link.js';
 import { Switch, type SwitchPort } from '../../netstack/link/switch.js';
 import type { Network } from '../../netstack/network.js';
-import { ForwardSpecError, parseForwardSpec, formatForward } from '../../netstack/services/forward-spec.js';
+import { type ForwardSpec, ForwardSpecError, parseForwardSpec, formatForward } from '../../netstack/services/forward-spec.js';
 import { ForwardError, type Forward } from '../../netstack/services/forwards.js';
 import { TenderError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -269,15 +269,7 @@ export class MachineManager {
     }
     if (input.initrd && !input.kernel) throw new TenderError('BAD_ARGUMENT', '--initrd needs --kernel');
     if (input.image && input.image !== 'default' && !existsSync(input.image)) throw new TenderError('FILE_NOT_FOUND', `image directory ${input.image} does not exist`);
-    const forwards: string[] = [];
-    for (const f of input.forwards ?? []) {
-      try {
-        for (const s of parseForwardSpec(f)) forwards.push(formatForward(s));
-      } catch (err) {
-        if (err instanceof ForwardSpecError) throw new TenderError('BAD_FORWARD_SPEC', err.message);
-        throw err;
-      }
-    }
+    const forwards = (input.forwards ?? []).flatMap((f) => specsOf(f).map(formatForward));
     const cfg: MachineConfig = {
       version: 1,
       name,
@@ -592,13 +584,7 @@ export class MachineManager {
 
   async addForward(name: string, specText: string): Promise<Forward[]> {
     const cfg = this.get(name);
-    let specs;
-    try {
-      specs = parseForwardSpec(specText);
-    } catch (err) {
-      if (err instanceof ForwardSpecError) throw new TenderError('BAD_FORWARD_SPEC', err.message);
-      throw err;
-    }
+    const specs = specsOf(specText);
     const live = this.live.get(name);
     const ip = this.runtime.get(name)?.ip;
     const added: Forward[] = [];
@@ -623,13 +609,7 @@ export class MachineManager {
 
   removeForward(name: string, specText: string): void {
     const cfg = this.get(name);
-    let specs;
-    try {
-      specs = parseForwardSpec(specText);
-    } catch (err) {
-      if (err instanceof ForwardSpecError) throw new TenderError('BAD_FORWARD_SPEC', err.message);
-      throw err;
-    }
+    const specs = specsOf(specText);
     const live = this.live.get(name);
     let found = false;
     for (const s of specs) {
@@ -734,6 +714,16 @@ export class MachineManager {
       this.detachNet(live);
     }
     this.live.clear();
+  }
+}
+
+/** Parse a forward spec, as the coded error the API and CLI report. */
+function specsOf(text: string): ForwardSpec[] {
+  try {
+    return parseForwardSpec(text);
+  } catch (err) {
+    if (err instanceof ForwardSpecError) throw new TenderError('BAD_FORWARD_SPEC', err.message);
+    throw err;
   }
 }
 

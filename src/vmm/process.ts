@@ -88,3 +88,21 @@ export function readTail(file: string, from: number, max = 8192): string {
     return '';
   }
 }
+
+/**
+ * The end of every forced stop: give the VMM `graceMs` to go after it was asked (QMP quit,
+ * vfkit HardStop), then SIGKILL. Resolves with its exit.
+ */
+export async function killAfter<T>(pid: number, exited: Promise<T>, graceMs: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const gone = await Promise.race([exited.then(() => true), new Promise<boolean>((r) => (timer = setTimeout(() => r(false), graceMs)))]);
+  clearTimeout(timer);
+  if (!gone) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  return exited;
+}

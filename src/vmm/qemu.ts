@@ -20,7 +20,7 @@ import type { Accel, ExitInfo, MachineSpec, VmmDriver, VmmInstance } from './dri
 import { type ExitFacts, exitInfo, lastLine } from './exit-reason.js';
 import { type AccelDecision, type KvmProbeOptions, accelCacheKey, probeKvm } from './kvm-probe.js';
 import { pidFile, qemuArgs } from './qemu-args.js';
-import { fileSize, isOurProcess, pollUntilGone, readTail } from './process.js';
+import { fileSize, isOurProcess, killAfter, pollUntilGone, readTail } from './process.js';
 import { QmpClient, type QmpEvent } from './qmp.js';
 import { hostTscKhz } from './tsc.js';
 
@@ -153,15 +153,7 @@ class QemuInstance implements VmmInstance {
     this.forced = true;
     const qmp = this.qmpClient;
     if (qmp) qmp.execute('quit').catch(() => {});
-    const gone = await Promise.race([this.exited.then(() => true), sleep(qmp ? 2000 : 0).then(() => false)]);
-    if (!gone) {
-      try {
-        process.kill(this.pid, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-    }
-    return this.exited;
+    return killAfter(this.pid, this.exited, qmp ? 2000 : 0);
   }
 }
 

@@ -23,7 +23,7 @@ import * as path from 'node:path';
 import type { Accel, ExitInfo, MachineSpec, VmmDriver, VmmInstance } from './driver.js';
 import { lastLine } from './exit-reason.js';
 import { diskFormat } from './qemu-args.js';
-import { fileSize, isOurProcess, pollUntilGone, readTail } from './process.js';
+import { fileSize, isOurProcess, killAfter, pollUntilGone, readTail } from './process.js';
 import { VfkitRest, restfulUri } from './vfkit-rest.js';
 
 export class VfkitSpecError extends Error {
@@ -150,15 +150,7 @@ class VfkitInstance implements VmmInstance {
     } catch {
       // REST gone or refused: signal instead
     }
-    const gone = await Promise.race([this.exited.then(() => true), sleep(asked ? 2000 : 0).then(() => false)]);
-    if (!gone) {
-      try {
-        process.kill(this.pid, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-    }
-    return this.exited;
+    return killAfter(this.pid, this.exited, asked ? 2000 : 0);
   }
 }
 
