@@ -70,6 +70,17 @@ int exec_count(void);
 /* Scan now; send LISTENERS when the set differs from the last one sent (or force). */
 void listeners_scan(int force);
 
+/* ---- usb.c: USB/IP import and vhci-hcd attach ---------------------------------------- */
+
+void usb_attach_start(uint32_t stream, const uint8_t *payload, size_t len);
+void usb_detach(uint32_t stream, const uint8_t *payload, size_t len);
+int usb_pollfds(struct pollfd *pfd, int max);
+void usb_handle(struct pollfd *pfd, int n);
+/* Earliest import deadline or -1; fails expired imports (ETIMEDOUT) when now >= 0. */
+int64_t usb_timers(int64_t now);
+/* Host gone: abandon imports in progress (attached devices stay attached). */
+void usb_reset(void);
+
 /* ---- main.c ---------------------------------------------------------------------------- */
 
 int64_t now_ms(void);

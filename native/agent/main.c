@@ -276,6 +276,7 @@ static void host_gone(const char *why)
 {
 	logmsg("host gone (%s): %d processes killed", why, exec_count());
 	exec_reset();
+	usb_reset();
 	/* Nobody will read the rest of a half-written frame; a new host starts at a boundary. */
 	outq_reset(0);
 	if (transport == T_FD) {
@@ -300,6 +301,7 @@ static void protocol_error(const char *why)
 {
 	logmsg("protocol error: %s; starting over", why);
 	exec_reset();
+	usb_reset();
 	outq_reset(1);
 	int64_t give_up = now_ms() + 1000;
 	while (outq_len() > 0 && now_ms() < give_up) {
@@ -345,6 +347,7 @@ static void host_hello(uint32_t nonce)
 		if (exec_count())
 			logmsg("new host: %d processes killed", exec_count());
 		exec_reset();
+		usb_reset();
 		outq_reset(1);
 		host_nonce = nonce;
 	}
@@ -374,6 +377,12 @@ static int dispatch(uint8_t type, uint32_t stream, const uint8_t *p, size_t len)
 	case M_POWEROFF:
 	case M_REBOOT:
 		power(type, stream);
+		return 0;
+	case M_USB_ATTACH:
+		usb_attach_start(stream, p, len);
+		return 0;
+	case M_USB_DETACH:
+		usb_detach(stream, p, len);
 		return 0;
 	default:
 		send_error(stream, E_UNKNOWN_TYPE, 0, "unknown message type 0x%02x", type);
@@ -451,7 +460,7 @@ static int64_t min_deadline(int64_t a, int64_t b)
 
 static void loop(void)
 {
-	static struct pollfd pfd[2 + 3 * 64];
+	static struct pollfd pfd[2 + 3 * 64 + 16];
 	for (;;) {
 		int64_t now = now_ms();
 		if (state == S_DOWN && now >= retry_at) {
@@ -487,13 +496,15 @@ static void loop(void)
 		}
 		int nexec = exec_pollfds(pfd + n, (int)(sizeof pfd / sizeof pfd[0]) - n,
 					 state == S_UP && outq_len() < OUT_SOFT);
-		int64_t deadline = exec_timers(now);
+		/* Imports run only while a host is there to hear the answer (usb_reset on the way down). */
+		int64_t deadline = min_deadline(exec_timers(now), usb_timers(now)); /* expire first, then poll the rest */
+		int nusb = usb_pollfds(pfd + n + nexec, (int)(sizeof pfd / sizeof pfd[0]) - n - nexec);
 		if (state == S_UP)
 			deadline = min_deadline(deadline, next_scan);
 		else
 			deadline = min_deadline(deadline, retry_at);
 		int timeout = deadline < 0 ? -1 : deadline <= now ? 0 : (int)(deadline - now);
-		int r = poll(pfd, (nfds_t)(n + nexec), timeout);
+		int r = poll(pfd, (nfds_t)(n + nexec + nusb), timeout);
 		if (r < 0 && errno != EINTR) {
 			logmsg("poll: %s", strerror(errno));
 			sleep(1);
@@ -513,7 +524,10 @@ static void loop(void)
 		}
 		if (r > 0 && nexec > 0)
 			exec_handle(pfd + n, nexec, now);
+		if (r > 0 && nusb > 0)
+			usb_handle(pfd + n + nexec, nusb);
 		exec_timers(now);
+		usb_timers(now);
 		if (state == S_UP && now >= next_scan) {
 			listeners_scan(0);
 			next_scan = now + SCAN_MS;

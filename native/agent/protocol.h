@@ -32,6 +32,10 @@ enum msg_type {
 	M_LISTENERS = 0x20, /* A->H s0: u32 count, count x (u8 proto, u8 family, u16 port, addr[4|16]) */
 	M_POWEROFF = 0x30,  /* H->A: empty */
 	M_REBOOT = 0x31,    /* H->A: empty */
+	M_USB_ATTACH = 0x40,   /* H->A s>0: u16 port, u8 speed (0: the device's), str host, str busid */
+	M_USB_ATTACHED = 0x41, /* A->H: u32 vhci port, u32 devid (busnum << 16 | devnum), u32 speed */
+	M_USB_DETACH = 0x42,   /* H->A: u32 vhci port */
+	M_USB_DETACHED = 0x43, /* A->H: empty */
 	M_ERROR = 0x7f,     /* A->H: u32 code, i32 errno, str message */
 };
 
@@ -47,6 +51,9 @@ enum error_code {
 	E_TOO_MANY_STREAMS = 5, /* more than MAX_STREAMS concurrent execs */
 	E_POWER_FAILED = 6,     /* reboot(2) failed: errno */
 	E_POWER_DISABLED = 7,   /* the agent runs with --no-power (tests on a host) */
+	E_USB_FAILED = 8,       /* connect, timeout, vhci-hcd missing, sysfs attach/detach: errno */
+	E_USB_IMPORT_REFUSED = 9, /* the server refused the import or did not speak USB/IP */
+	E_USB_NO_PORT = 10,     /* no free vhci port of the device's speed */
 };
 
 /* str = u32 length + bytes (no NUL terminator, no embedded NUL) */

@@ -55,6 +55,14 @@ export function connectAgentSession(path: string, onGone: () => void): DaemonAge
       if (!client || !client.hello) throw new TenderError('AGENT_UNAVAILABLE', 'the guest agent is not connected');
       return client.exec(argv, opts);
     },
+    async usbAttach(o) {
+      if (!client || !client.hello) throw new TenderError('AGENT_UNAVAILABLE', 'the guest agent is not connected');
+      return client.usbAttach(o);
+    },
+    async usbDetach(port) {
+      if (!client || !client.hello) throw new TenderError('AGENT_UNAVAILABLE', 'the guest agent is not connected');
+      await client.usbDetach(port);
+    },
     close() {
       closed = true;
       client?.close();

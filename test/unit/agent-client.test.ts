@@ -6,7 +6,18 @@
 import { Duplex } from 'node:stream';
 import { describe, expect, test } from 'vitest';
 import { AgentClient, type AgentError } from '../../src/agent/client.js';
-import { AgentErrorCode, Channel, type Frame, FrameDecoder, MsgType, decodeWindow, encodeFrame } from '../../src/agent/protocol.js';
+import {
+  AgentErrorCode,
+  Channel,
+  type Frame,
+  FrameDecoder,
+  MsgType,
+  decodeUsbAttachPayload,
+  decodeUsbDetachPayload,
+  decodeWindow,
+  encodeFrame,
+  encodeUsbAttachedPayload,
+} from '../../src/agent/protocol.js';
 
 /** Two connected Duplexes: what one writes, the other reads. */
 function pair(): [Duplex, Duplex] {
@@ -190,5 +201,59 @@ describe('AgentClient', () => {
     await agent.next(MsgType.POWEROFF);
     guest2.end(); // the machine went down
     await expect(off).resolves.toBeUndefined();
+  });
+
+  test('usbAttach / usbDetach: requests, answers, USB errors, a reply for nothing pending, a timeout', async () => {
+    const [host, guest] = pair();
+    const agent = fakeAgent(guest);
+    const client = new AgentClient(host);
+    const hh = await agent.next(MsgType.HOST_HELLO);
+    agent.send(MsgType.HELLO, hh.stream, helloPayload());
+    await client.ready;
+
+    const att = client.usbAttach({ host: '192.168.127.1', port: 3240, busid: '1-2' });
+    const req = await agent.next(MsgType.USB_ATTACH);
+    expect(decodeUsbAttachPayload(req.payload)).toEqual({ host: '192.168.127.1', port: 3240, busid: '1-2', speed: 0 });
+    // A stray answer on another stream resolves nothing.
+    agent.send(MsgType.USB_ATTACHED, req.stream + 1000, encodeUsbAttachedPayload({ port: 9, devid: 9, speed: 9 }));
+    agent.send(MsgType.USB_ATTACHED, req.stream, encodeUsbAttachedPayload({ port: 8, devid: (1 << 16) | 2, speed: 5 }));
+    expect(await att).toEqual({ port: 8, devid: 0x10002, speed: 5 });
+
+    const det = client.usbDetach(8);
+    const d = await agent.next(MsgType.USB_DETACH);
+    expect(decodeUsbDetachPayload(d.payload)).toBe(8);
+    agent.send(MsgType.USB_DETACHED, d.stream);
+    await expect(det).resolves.toBeUndefined();
+
+    const err = (code: number, errno: number, msg: string) => {
+      const b = Buffer.alloc(12 + msg.length);
+      b.writeUInt32BE(code, 0);
+      b.writeInt32BE(errno, 4);
+      b.writeUInt32BE(msg.length, 8);
+      b.write(msg, 12);
+      return b;
+    };
+    for (const [code, errno] of [[AgentErrorCode.USB_FAILED, 111], [AgentErrorCode.USB_IMPORT_REFUSED, 0], [AgentErrorCode.USB_NO_PORT, 0]] as const) {
+      const a = client.usbAttach({ host: '10.0.2.2', port: 1, busid: '99-1', speed: 3 });
+      const r = await agent.next(MsgType.USB_ATTACH);
+      expect(decodeUsbAttachPayload(r.payload).speed).toBe(3);
+      agent.send(MsgType.ERROR, r.stream, err(code, errno, 'no'));
+      await expect(a).rejects.toMatchObject({ code: 'USB_FAILED', agentCode: code, errno: errno || undefined });
+    }
+    const bad = client.usbAttach({ host: '10.0.2.2', port: 1, busid: 'x'.repeat(32) });
+    await expect(bad).rejects.toMatchObject({ code: 'USB_FAILED' });
+    await expect(client.usbDetach(-1)).rejects.toMatchObject({ code: 'USB_FAILED' });
+
+    const slow = client.usbDetach(3, 20);
+    await agent.next(MsgType.USB_DETACH);
+    await expect(slow).rejects.toMatchObject({ code: 'AGENT_TIMEOUT' });
+
+    // A malformed USB_ATTACHED is not the protocol.
+    const closed = new Promise<AgentError>((r) => client.once('close', r));
+    const last = client.usbAttach({ host: '10.0.2.2', port: 1, busid: '99-1' });
+    const lr = await agent.next(MsgType.USB_ATTACH);
+    agent.send(MsgType.USB_ATTACHED, lr.stream, Buffer.from([0, 0, 0, 1]));
+    expect((await closed).code).toBe('AGENT_PROTOCOL');
+    await expect(last).rejects.toMatchObject({ code: 'AGENT_PROTOCOL' });
   });
 });

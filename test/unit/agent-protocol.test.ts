@@ -24,11 +24,17 @@ import {
   decodeHello,
   decodeListeners,
   decodeStarted,
+  decodeUsbAttachPayload,
+  decodeUsbAttached,
+  decodeUsbDetachPayload,
   decodeWindow,
   encodeExecPayload,
   encodeFrame,
   encodeResizePayload,
   encodeSignalPayload,
+  encodeUsbAttachPayload,
+  encodeUsbAttachedPayload,
+  encodeUsbDetachPayload,
   encodeWindowPayload,
   formatAddress,
   signalName,
@@ -237,7 +243,7 @@ describe('FrameDecoder', () => {
   });
 
   test('payload decoders throw only PayloadError on arbitrary input', () => {
-    const decoders = [decodeHello, decodeStarted, decodeExit, decodeWindow, decodeError, decodeListeners];
+    const decoders = [decodeHello, decodeStarted, decodeExit, decodeWindow, decodeError, decodeListeners, decodeUsbAttached, decodeUsbAttachPayload, decodeUsbDetachPayload];
     fc.assert(
       fc.property(fc.uint8Array({ maxLength: 80 }), (p) => {
         for (const dec of decoders) {
@@ -252,6 +258,55 @@ describe('FrameDecoder', () => {
     );
     // A count that claims more entries than bytes is refused before looping.
     expect(() => decodeListeners(hex('7fffffff'))).toThrow(PayloadError);
+  });
+});
+
+describe('USB messages', () => {
+  test('USB_ATTACH layout: u16 port | u8 speed | str host | str busid', () => {
+    const p = encodeUsbAttachPayload({ host: '192.168.127.1', port: 3240, busid: '1-2.3' });
+    expect(p).toEqual(hex('0ca8 00 0000000d 3139322e3136382e3132372e31 00000005 312d322e33'));
+    expect(encodeFrame(MsgType.USB_ATTACH, 5, p).subarray(0, 9)).toEqual(hex(`${(5 + p.length).toString(16).padStart(8, '0')} 40 00000005`));
+    expect(encodeUsbAttachedPayload({ port: 8, devid: 0x630001, speed: 3 })).toEqual(hex('00000008 00630001 00000003'));
+    expect(encodeUsbDetachPayload(8)).toEqual(hex('00000008'));
+  });
+
+  test('encoder limits', () => {
+    const ok = { host: '10.0.2.2', port: 3240, busid: '99-1' };
+    expect(() => encodeUsbAttachPayload({ ...ok, port: 0 })).toThrow(RangeError);
+    expect(() => encodeUsbAttachPayload({ ...ok, port: 65536 })).toThrow(RangeError);
+    expect(() => encodeUsbAttachPayload({ ...ok, speed: 256 })).toThrow(RangeError);
+    expect(() => encodeUsbAttachPayload({ ...ok, busid: '' })).toThrow(RangeError);
+    // The kernel's busid field is 32 bytes with its NUL.
+    expect(() => encodeUsbAttachPayload({ ...ok, busid: 'x'.repeat(32) })).toThrow(RangeError);
+    expect(encodeUsbAttachPayload({ ...ok, busid: 'x'.repeat(31) }).length).toBe(2 + 1 + 4 + 8 + 4 + 31);
+    expect(() => encodeUsbAttachPayload({ ...ok, host: 'a\0b' })).toThrow(RangeError);
+    expect(() => encodeUsbAttachPayload({ ...ok, host: '' })).toThrow(RangeError);
+    expect(() => encodeUsbDetachPayload(-1)).toThrow(RangeError);
+    expect(() => decodeUsbAttached(hex('00000008 00630001 00000003 00'))).toThrow(PayloadError);
+    expect(() => decodeUsbDetachPayload(hex('000000'))).toThrow(PayloadError);
+  });
+
+  test('round trips (property)', () => {
+    const text = (min: number, max: number) =>
+      fc.string({ unit: 'grapheme-ascii', minLength: min, maxLength: max }).filter((s) => !s.includes('\0') && s.length >= min);
+    fc.assert(
+      fc.property(
+        fc.record({ host: text(1, 63), port: fc.integer({ min: 1, max: 65535 }), busid: text(1, 31), speed: fc.integer({ min: 0, max: 255 }) }),
+        (req) => {
+          expect(decodeUsbAttachPayload(encodeUsbAttachPayload(req))).toEqual(req);
+        },
+      ),
+    );
+    fc.assert(
+      fc.property(fc.record({ port: fc.nat(), devid: fc.nat(), speed: fc.nat() }).map((r) => ({ port: r.port >>> 0, devid: r.devid >>> 0, speed: r.speed >>> 0 })), (a) => {
+        expect(decodeUsbAttached(encodeUsbAttachedPayload(a))).toEqual(a);
+      }),
+    );
+    fc.assert(
+      fc.property(fc.integer({ min: 0, max: 0xffffffff }), (n) => {
+        expect(decodeUsbDetachPayload(encodeUsbDetachPayload(n))).toBe(n);
+      }),
+    );
   });
 });
 
