@@ -10,7 +10,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -207,6 +207,33 @@ describe.skipIf(why !== null)('machines, end to end (TCG)', () => {
     await waitFor(() => !existsSync(join(home, 'daemon.pid')), 10_000);
     await startDaemon();
   }, 60_000);
+
+  it('attaches a virtual USB disk to a machine over USB/IP, and detaches it', async () => {
+    const img = join(home, 'usb-disk.img');
+    const data = Buffer.alloc(1024 * 1024).map((_, i) => (i * 7 + 1) & 255);
+    writeFileSync(img, data);
+    const dev = JSON.parse(await ok(['usb', 'virtual', 'add', 'storage', '--image', img, '--name', 'stick', '--json']));
+    expect(dev).toMatchObject({ id: 'v1', busid: '99-1', state: 'available' });
+    await ok(['usb', 'attach', 'a', 'stick']);
+    // The guest kernel's vhci-hcd took it: a 2048-block disk whose bytes are the image's.
+    const size = await waitFor(async () => {
+      const s = await ok(['machine', 'exec', 'a', '--', 'sh', '-c', 'cat /sys/block/sd*/size 2>/dev/null']);
+      return s.trim() === '2048' ? s : null;
+    }, 20_000);
+    expect(size.trim()).toBe('2048');
+    const sum = await ok(['machine', 'exec', 'a', '--', 'sh', '-c', 'dd if=/dev/sda bs=64k 2>/dev/null | md5sum']);
+    expect(sum.split(' ')[0]).toBe(createHash('md5').update(data).digest('hex'));
+    await ok(['machine', 'exec', 'a', '--', 'sh', '-c', 'printf tender-was-here | dd of=/dev/sda bs=512 seek=7 conv=notrunc,fsync 2>/dev/null']);
+    expect(readFileSync(img).subarray(7 * 512, 7 * 512 + 15).toString()).toBe('tender-was-here');
+    const ls = JSON.parse(await ok(['usb', 'ls', '--json']));
+    expect(ls[0]).toMatchObject({ id: 'v1', machine: 'a', state: 'attached' });
+    // One machine per device.
+    const r = await tender(['usb', 'attach', 'b-does-not-exist', 'stick']);
+    expect(r.stderr).toMatch(/^tender: MACHINE_NOT_FOUND: /);
+    await ok(['usb', 'detach', 'a', 'stick']);
+    await waitFor(async () => (await ok(['machine', 'exec', 'a', '--', 'sh', '-c', 'ls /sys/block | grep -c sd || true'])).trim() === '0', 20_000);
+    await ok(['usb', 'virtual', 'rm', 'stick']);
+  }, 120_000);
 
   it('stops, starts and removes', async () => {
     const stopped = JSON.parse(await ok(['machine', 'stop', 'a', '--json'], 60_000));
