@@ -2,7 +2,7 @@
 # shellcheck shell=bash
 
 # Debian packages the demo needs.
-DEMO_DEBS=(musl-tools qemu-system-x86 xz-utils iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base)
+DEMO_DEBS=(musl-tools qemu-system-x86 xz-utils iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base curl)
 # Debian packages the test suite needs (real peers: the kernel in namespaces, busybox udhcpc,
 # dhclient, dig, dnsmasq, tshark, scapy, iperf3, socat, ncat, slirp4netns, pasta, QEMU).
 TEST_DEBS=(usbip musl-tools iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base isc-dhcp-client tshark tcpdump python3-scapy

@@ -9,7 +9,8 @@
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import dgram from 'node:dgram';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync, chmodSync } from 'node:fs';
+import http from 'node:http';
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -25,6 +26,7 @@ const REQUIRED: [string, string][] = [
   ['dig', 'dnsutils'],
   ['dnsmasq', 'dnsmasq-base'],
   ['nsenter', 'util-linux'],
+  ['curl', 'curl'],
 ];
 
 async function which(cmd: string): Promise<boolean> {
@@ -79,6 +81,7 @@ export async function runDemo(opts: { keep: boolean }): Promise<void> {
   const log = createLogger(process.env.TENDER_LOG ?? 'warn');
   let dnsmasq: ChildProcess | null = null;
   let udpServer: dgram.Socket | null = null;
+  let httpServer: http.Server | null = null;
   let served: Awaited<ReturnType<typeof serveNetns>> | null = null;
   const exec = async (cmd: string[], env: Record<string, string> = {}) =>
     (await run('ip', ['netns', 'exec', ns, ...cmd], { env: { ...process.env, ...env }, timeout: 20_000 })).stdout.trim();
@@ -102,7 +105,7 @@ export async function runDemo(opts: { keep: boolean }): Promise<void> {
       'dnsmasq',
       [
         '--no-daemon', '--no-resolv', '--no-hosts', '--bind-interfaces', '--listen-address=127.0.0.1', `--port=${dnsPort}`,
-        '--address=/demo.example/198.51.100.7', '--txt-record=demo.example,"forwarded by tender to a local dnsmasq"',
+        '--address=/demo.example/198.51.100.7', '--txt-record=demo.example,forwarded by tender to a local dnsmasq',
         `--pid-file=${join(dir, 'dnsmasq.pid')}`,
       ],
       { stdio: 'ignore' },
@@ -111,8 +114,14 @@ export async function runDemo(opts: { keep: boolean }): Promise<void> {
     udpServer.on('message', (m, r) => udpServer!.send(Buffer.concat([Buffer.from('echo: '), m]), r.port, r.address));
     await new Promise<void>((r) => udpServer!.bind(0, '127.0.0.1', r));
     const udpPort = udpServer.address().port;
+    httpServer = http.createServer((_q, r) => r.end('hello over TCP from the host'));
+    await new Promise<void>((r) => httpServer!.listen(0, '127.0.0.1', r));
+    const httpPort = (httpServer.address() as { port: number }).port;
 
     served = await serveNetns(ns, { ifname: 'eth0', mtu: '1500', dnsUpstream: [`127.0.0.1:${dnsPort}`], hostLoopback: true }, log);
+    // curl inside the namespace resolves names through the gateway's DNS (ip netns exec reads /etc/netns/NS).
+    mkdirSync(`/etc/netns/${ns}`, { recursive: true });
+    writeFileSync(`/etc/netns/${ns}/resolv.conf`, 'nameserver 192.168.127.1\nsearch tender.internal\n');
     out(`tender is serving network namespace "${ns}" (eth0, ${served.network.summary().subnet}, gateway ${served.network.summary().gateway})\n`);
 
     let ok = true;
@@ -129,6 +138,9 @@ export async function runDemo(opts: { keep: boolean }): Promise<void> {
       const js = `const s=require('dgram').createSocket('udp4');s.on('message',m=>{console.log(String(m));process.exit(0)});s.send('hello from the namespace',${udpPort},'192.168.127.254');setTimeout(()=>{console.error('no reply');process.exit(1)},3000)`;
       return `→ ${await exec([process.execPath, '-e', js])}`;
     });
+    await step(`TCP NAT: curl http://host.tender.internal:${httpPort}/ (a web server on the host's loopback)`, async () =>
+      `→ ${await exec(['curl', '-sS', '--max-time', '5', `http://host.tender.internal:${httpPort}/`])}`,
+    );
     const c = served.network.counters;
     out(`\ncounters: ${JSON.stringify({ dhcp: c.get('dhcp.tx.ack'), 'udp_nat.flows': c.get('udp_nat.flows_opened'), 'icmp.echo': c.get('icmp.echo_reply'), drops: c.drops() })}`);
     if (!ok) process.exitCode = 1;
@@ -143,7 +155,9 @@ export async function runDemo(opts: { keep: boolean }): Promise<void> {
     await served?.stop();
     dnsmasq?.kill();
     udpServer?.close();
+    httpServer?.close();
     await run('ip', ['netns', 'del', ns]).catch(() => {});
+    rmSync(`/etc/netns/${ns}`, { recursive: true, force: true });
     rmSync(dir, { recursive: true, force: true });
   }
 }

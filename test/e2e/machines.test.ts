@@ -220,7 +220,7 @@ describe.skipIf(why !== null)('machines, end to end (TCG)', () => {
       const s = await ok(['machine', 'exec', 'a', '--', 'sh', '-c', 'cat /sys/block/sd*/size 2>/dev/null']);
       return s.trim() === '2048' ? s : null;
     }, 20_000);
-    expect(size.trim()).toBe('2048');
+    expect(size?.trim()).toBe('2048');
     const sum = await ok(['machine', 'exec', 'a', '--', 'sh', '-c', 'dd if=/dev/sda bs=64k 2>/dev/null | md5sum']);
     expect(sum.split(' ')[0]).toBe(createHash('md5').update(data).digest('hex'));
     await ok(['machine', 'exec', 'a', '--', 'sh', '-c', 'printf tender-was-here | dd of=/dev/sda bs=512 seek=7 conv=notrunc,fsync 2>/dev/null']);
