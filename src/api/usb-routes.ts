@@ -13,18 +13,33 @@ export function registerUsbRoutes(app: Api, usb: UsbManager): void {
     {
       schema: {
         tags: ['usb'],
-        body: Type.Object(
-          {
-            kind: Type.Literal('storage'),
-            image: Type.String({ minLength: 1, maxLength: 4096 }),
-            readOnly: Type.Optional(Type.Boolean()),
-            name: Type.Optional(Type.String({ maxLength: 64 })),
-          },
-          { additionalProperties: false },
-        ),
+        body: Type.Union([
+          Type.Object(
+            {
+              kind: Type.Literal('storage'),
+              image: Type.String({ minLength: 1, maxLength: 4096 }),
+              readOnly: Type.Optional(Type.Boolean()),
+              name: Type.Optional(Type.String({ maxLength: 64 })),
+            },
+            { additionalProperties: false },
+          ),
+          Type.Object(
+            {
+              kind: Type.Literal('serial'),
+              // sun_path holds 108 bytes on Linux, 104 on macOS.
+              socket: Type.String({ minLength: 1, maxLength: 4096 }),
+              name: Type.Optional(Type.String({ maxLength: 64 })),
+            },
+            { additionalProperties: false },
+          ),
+        ]),
       },
     },
-    async (req, reply) => reply.status(201).send(await usb.addStorage({ image: req.body.image, readOnly: req.body.readOnly ?? false, name: req.body.name })),
+    async (req, reply) => {
+      const b = req.body;
+      const d = b.kind === 'serial' ? await usb.addSerial({ socket: b.socket, name: b.name }) : await usb.addStorage({ image: b.image, readOnly: b.readOnly ?? false, name: b.name });
+      return reply.status(201).send(d);
+    },
   );
 
   app.delete('/v1/usb/virtual/:device', { schema: { tags: ['usb'], params: Dev } }, async (req, reply) => {

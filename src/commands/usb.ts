@@ -3,6 +3,7 @@
  * the devices given on the command line, until SIGINT/SIGTERM. Any USB/IP client (Linux
  * `usbip attach`, usbip-win, Docker Desktop) can then import them.
  */
+import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { FileBackend } from '../../usb/devices/scsi.js';
 import { StorageDevice } from '../../usb/devices/storage.js';
@@ -126,21 +127,31 @@ export function registerUsbCommands(program: Command): void {
       print(
         table(
           ['ID', 'BUSID', 'VID:PID', 'DEVICE', 'STATE'],
-          ds.map((d) => [d.id, d.busid, d.vidpid, `${d.kind}${d.name ? ` ${d.name}` : ''} ${d.image}${d.readOnly ? ' (ro)' : ''}`, d.machine ? `attached to ${d.machine}` : d.state]),
+          ds.map((d) => [d.id, d.busid, d.vidpid, `${d.kind}${d.name ? ` ${d.name}` : ''} ${d.image ?? d.socket ?? ''}${d.readOnly ? ' (ro)' : ''}`, d.machine ? `attached to ${d.machine}` : d.state]),
         ),
       );
     });
   const virt = usb.command('virtual').description('virtual USB devices');
   virt
     .command('add')
-    .argument('<kind>', 'storage')
-    .requiredOption('--image <file>', 'the disk image (raw, 512-byte blocks)')
-    .option('--read-only', 'the guest cannot write')
+    .argument('<kind>', 'storage or serial')
+    .option('--image <file>', 'storage: the disk image (raw, 512-byte blocks)')
+    .option('--read-only', 'storage: the guest cannot write')
+    .option('--socket <path>', 'serial: the unix socket the daemon listens on for the host side (socat - UNIX-CONNECT:PATH)')
     .option('--name <name>', 'a name to refer to it by')
     .option('--json', 'print the created device as JSON')
     .action(async (kind: string, o) => {
-      if (kind !== 'storage') throw new TenderError('BAD_ARGUMENT', `unknown virtual device kind "${kind}": storage`);
-      const d = await c().request<UsbDeviceInfo>('POST', '/v1/usb/virtual', { kind, image: o.image, readOnly: !!o.readOnly, name: o.name });
+      let body: object;
+      if (kind === 'storage') {
+        if (!o.image) throw new TenderError('BAD_ARGUMENT', 'storage needs --image FILE');
+        if (o.socket) throw new TenderError('BAD_ARGUMENT', '--socket is for serial devices');
+        body = { kind, image: resolve(o.image), readOnly: !!o.readOnly, name: o.name };
+      } else if (kind === 'serial') {
+        if (!o.socket) throw new TenderError('BAD_ARGUMENT', 'serial needs --socket PATH');
+        if (o.image || o.readOnly) throw new TenderError('BAD_ARGUMENT', '--image and --read-only are for storage devices');
+        body = { kind, socket: resolve(o.socket), name: o.name };
+      } else throw new TenderError('BAD_ARGUMENT', `unknown virtual device kind "${kind}": storage or serial`);
+      const d = await c().request<UsbDeviceInfo>('POST', '/v1/usb/virtual', body);
       print(o.json ? JSON.stringify(d, null, 2) + '\n' : `${d.id}\n`);
     });
   virt

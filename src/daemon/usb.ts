@@ -1,6 +1,6 @@
 /**
  * USB devices of the daemon: the virtual devices users create (mass storage backed by an image
- * file), which machine each is attached to, and the USB/IP server that carries them.
+ * file, CDC ACM serial ports bridged to a unix socket the daemon listens on), which machine each is attached to, and the USB/IP server that carries them.
  *
  * The server is served on the gateway address inside the machines' network (TCP 3240),
  * never on a host interface, and each machine may list and import only the devices attached
@@ -9,11 +9,12 @@
  * the machine's agent (re)connects: after a start, a reboot or a daemon restart.
  */
 import { existsSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { ip4str } from '../../netstack/addr.js';
 import type { Network } from '../../netstack/network.js';
 import { tcpDuplex } from '../../netstack/services/tcp-stream.js';
 import { FileBackend } from '../../usb/devices/scsi.js';
+import { SerialDevice, listenSerialSocket, type SerialListener } from '../../usb/devices/serial.js';
 import { StorageDevice } from '../../usb/devices/storage.js';
 import { UsbIpServer } from '../../usb/server.js';
 import { TenderError } from '../errors.js';
@@ -26,14 +27,14 @@ import type { Paths } from './paths.js';
 export const USBIP_PORT = 3240;
 const VIRTUAL_BUSNUM = 99;
 
-interface VirtualConfig {
+type VirtualConfig = {
   id: string;
-  kind: 'storage';
-  image: string;
-  readOnly: boolean;
   name?: string;
   devnum: number;
-}
+} & ({ kind: 'storage'; image: string; readOnly: boolean } | { kind: 'serial'; socket: string });
+
+/** VID:PID of each kind (usb/devices: the Linux gadgets' ids, driven by stock class drivers). */
+const VIDPID = { storage: '0525:a4a5', serial: '0525:a4a7' } as const;
 
 interface UsbState {
   version: 1;
@@ -48,8 +49,11 @@ export interface UsbDeviceInfo {
   kind: string;
   name: string | null;
   vidpid: string;
-  image: string;
+  /** storage: the image file (null for other kinds). */
+  image: string | null;
   readOnly: boolean;
+  /** serial: the unix socket the daemon listens on for the host side (null for other kinds). */
+  socket: string | null;
   state: 'available' | 'attached';
   machine: string | null;
   /** The guest's vhci port while attached and imported. */
@@ -60,6 +64,7 @@ export class UsbManager {
   readonly server: UsbIpServer;
   private state: UsbState = { version: 1, virtual: [], attachments: {} };
   private readonly backends = new Map<string, FileBackend>();
+  private readonly listeners = new Map<string, SerialListener>();
   private readonly ports = new Map<string, number>();
   private readonly file: string;
   private unserve: (() => void) | null = null;
@@ -98,6 +103,12 @@ export class UsbManager {
   }
 
   private async open(v: VirtualConfig): Promise<void> {
+    if (v.kind === 'serial') {
+      const dev = new SerialDevice({ busid: `${VIRTUAL_BUSNUM}-${v.devnum}`, busnum: VIRTUAL_BUSNUM, devnum: v.devnum, product: v.name });
+      this.listeners.set(v.id, await listenSerialSocket(dev, v.socket));
+      this.server.add(dev);
+      return;
+    }
     const be = await FileBackend.open(v.image, v.readOnly);
     this.backends.set(v.id, be);
     this.server.add(new StorageDevice(be, { busid: `${VIRTUAL_BUSNUM}-${v.devnum}`, busnum: VIRTUAL_BUSNUM, devnum: v.devnum, product: v.name }));
@@ -115,9 +126,10 @@ export class UsbManager {
         busid: `${VIRTUAL_BUSNUM}-${v.devnum}`,
         kind: v.kind,
         name: v.name ?? null,
-        vidpid: '0525:a4a5',
-        image: v.image,
-        readOnly: v.readOnly,
+        vidpid: VIDPID[v.kind],
+        image: v.kind === 'storage' ? v.image : null,
+        readOnly: v.kind === 'storage' ? v.readOnly : false,
+        socket: v.kind === 'serial' ? v.socket : null,
         state: machine ? 'attached' : 'available',
         machine,
         port: this.ports.get(v.id) ?? null,
@@ -131,13 +143,42 @@ export class UsbManager {
     return v;
   }
 
+  private checkName(name: string | undefined): void {
+    if (name !== undefined && !/^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$/.test(name)) throw new TenderError('BAD_ARGUMENT', `bad name "${name}": letters, digits, . _ -, up to 32`);
+    if (name !== undefined && this.state.virtual.some((v) => v.name === name)) throw new TenderError('BAD_ARGUMENT', `a USB device named "${name}" exists`);
+  }
+
+  private nextDevnum(): number {
+    let devnum = 1;
+    while (this.state.virtual.some((v) => v.devnum === devnum)) devnum++;
+    return devnum;
+  }
+
+  async addSerial(o: { socket: string; name?: string }): Promise<UsbDeviceInfo> {
+    const socket = resolve(o.socket);
+    this.checkName(o.name);
+    if (!existsSync(dirname(socket))) throw new TenderError('FILE_NOT_FOUND', `${dirname(o.socket)} does not exist`);
+    if (this.state.virtual.some((v) => v.kind === 'serial' && v.socket === socket)) throw new TenderError('BAD_ARGUMENT', `a USB serial device already listens on ${o.socket}`);
+    const devnum = this.nextDevnum();
+    const v: VirtualConfig = { id: `v${devnum}`, kind: 'serial', socket, name: o.name, devnum };
+    try {
+      await this.open(v);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === 'EADDRINUSE') throw new TenderError('ADDRESS_IN_USE', `${o.socket}: something is listening there`);
+      if (code === 'EACCES' || code === 'EPERM') throw new TenderError('PERMISSION_DENIED', `${o.socket}: permission denied`);
+      throw new TenderError('BAD_ARGUMENT', `cannot listen on ${o.socket}: ${(err as Error).message}`);
+    }
+    this.state.virtual.push(v);
+    this.save();
+    return this.list().find((d) => d.id === v.id)!;
+  }
+
   async addStorage(o: { image: string; readOnly: boolean; name?: string }): Promise<UsbDeviceInfo> {
     const image = resolve(o.image);
     if (!existsSync(image)) throw new TenderError('FILE_NOT_FOUND', `${o.image} does not exist`);
-    if (o.name !== undefined && !/^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$/.test(o.name)) throw new TenderError('BAD_ARGUMENT', `bad name "${o.name}": letters, digits, . _ -, up to 32`);
-    if (o.name !== undefined && this.state.virtual.some((v) => v.name === o.name)) throw new TenderError('BAD_ARGUMENT', `a USB device named "${o.name}" exists`);
-    let devnum = 1;
-    while (this.state.virtual.some((v) => v.devnum === devnum)) devnum++;
+    this.checkName(o.name);
+    const devnum = this.nextDevnum();
     const v: VirtualConfig = { id: `v${devnum}`, kind: 'storage', image, readOnly: o.readOnly, name: o.name, devnum };
     try {
       await this.open(v);
@@ -156,6 +197,8 @@ export class UsbManager {
     this.server.remove(`${VIRTUAL_BUSNUM}-${v.devnum}`);
     await this.backends.get(v.id)?.close?.();
     this.backends.delete(v.id);
+    await this.listeners.get(v.id)?.close();
+    this.listeners.delete(v.id);
     this.state.virtual = this.state.virtual.filter((x) => x !== v);
     this.save();
   }
@@ -228,5 +271,6 @@ export class UsbManager {
     this.unserve?.();
     await this.server.close();
     for (const be of this.backends.values()) await be.close?.();
+    for (const l of this.listeners.values()) await l.close();
   }
 }

@@ -47,7 +47,7 @@ const BUSYBOX = 'busybox-static';
  * shared folders, ext4 for disks (at once when a root disk is given).
  */
 export const BOOT_MODULES = ['virtio_mmio', 'virtio_net', 'virtio_console', 'virtio_blk', 'vsock', 'vmw_vsock_virtio_transport', 'button', 'evdev'];
-export const LATER_MODULES = ['usbip_core', 'vhci_hcd', 'usb_storage', 'uas', 'sd_mod', '9pnet_virtio', '9p', 'ext4'];
+export const LATER_MODULES = ['usbip_core', 'vhci_hcd', 'usb_storage', 'uas', 'sd_mod', 'cdc_acm', '9pnet_virtio', '9p', 'ext4'];
 export const DEFAULT_MODULES = [...BOOT_MODULES, ...LATER_MODULES];
 
 /** Kernel command-line words the default image wants (the driver adds console/timing). */
