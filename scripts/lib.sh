@@ -68,7 +68,7 @@ ensure_npm() {
   fi
   # A fresh clone (or a changed lock file) gets a clean install, which also builds the native
   # addon (node-gyp) and compiles the TypeScript (the prepare script).
-  if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ] || [ ! -f build/Release/tender_native.node ] || [ ! -f build/agent/tender-agent ] || [ ! -d dist ]; then
+  if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ] || [ ! -f build/Release/tender_native.node ] || [ ! -f build/agent/tender-agent ] || [ ! -f build/vhost-vsock/tender-vhost-vsock ] || [ ! -d dist ]; then
     say "tender: npm ci (dependencies, native addon, TypeScript build)"
     npm ci --no-audit --no-fund >&2
   fi
