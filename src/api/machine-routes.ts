@@ -30,6 +30,7 @@ const Create = Type.Object(
     forwards: Type.Optional(Type.Array(Type.String({ maxLength: 200 }), { maxItems: 256 })),
     accel: Type.Optional(Type.Union([Type.Literal('auto'), Type.Literal('kvm'), Type.Literal('tcg')])),
     autoForward: Type.Optional(Type.Boolean()),
+    agent: Type.Optional(Type.Union([Type.Literal('serial'), Type.Literal('vsock')])),
   },
   { additionalProperties: false },
 );

@@ -54,6 +54,7 @@ export function registerMachineCommands(program: Command): void {
     .option('-p, --forward <spec>', 'port forward [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp] (repeatable)', collect, [])
     .addOption(new Option('--accel <accel>', 'acceleration').choices(['auto', 'kvm', 'tcg']).default('auto'))
     .option('--no-auto-forward', 'do not forward the guest\'s listening ports automatically')
+    .addOption(new Option('--agent <channel>', 'guest agent channel: serial (virtio-serial) or vsock (the host\'s vhost-vsock, else tender\'s vhost-user backend)').choices(['serial', 'vsock']).default('serial'))
     .option('--start', 'start it right away')
     .option('--json', 'print the created machine as JSON')
     .action(async (name: string, o) => {
@@ -70,6 +71,7 @@ export function registerMachineCommands(program: Command): void {
         forwards: o.forward,
         accel: o.accel,
         autoForward: o.autoForward,
+        agent: o.agent,
       });
       if (o.start) info = await lifecycle(client, name, 'start', { wait: true });
       if (o.json) json(info);

@@ -5,12 +5,84 @@
  * simply reconnects. Each connection gets an AgentClient; the agent itself says hello again
  * after a guest-side reconnect.
  */
+import { unlinkSync } from 'node:fs';
 import net from 'node:net';
 import { AgentClient, type Listener } from '../agent/client.js';
 import { TenderError } from '../errors.js';
 import type { AgentSession } from './machines.js';
 
 export type DaemonAgentSession = AgentSession;
+
+/** The parts both channel kinds share: the current client and the session's methods. */
+function session(onClose: () => void): {
+  s: DaemonAgentSession;
+  adopt(c: AgentClient, onGone: () => void): void;
+  closed(): boolean;
+} {
+  let client: AgentClient | null = null;
+  let closed = false;
+  let listenersFn: ((ls: Listener[]) => void) | null = null;
+  let resolveReady!: (v: unknown) => void;
+  const ready = new Promise<unknown>((r) => (resolveReady = r));
+  const current = () => {
+    if (!client || !client.hello) throw new TenderError('AGENT_UNAVAILABLE', 'the guest agent is not connected');
+    return client;
+  };
+  return {
+    closed: () => closed,
+    adopt(c, onGone) {
+      client?.close();
+      client = c;
+      c.on('hello', () => resolveReady(c.hello));
+      c.on('listeners', (ls: readonly Listener[]) => listenersFn?.([...ls]));
+      c.on('close', () => {
+        if (client === c) client = null;
+        onGone();
+      });
+    },
+    s: {
+      ready,
+      onListeners(fn) {
+        listenersFn = fn;
+      },
+      async poweroff() {
+        await client?.poweroff();
+      },
+      exec: (argv, opts) => current().exec(argv, opts),
+      usbAttach: async (o) => current().usbAttach(o),
+      usbDetach: async (port) => {
+        await current().usbDetach(port);
+      },
+      close() {
+        closed = true;
+        client?.close();
+        onClose();
+      },
+    },
+  };
+}
+
+/**
+ * vsock (Firecracker-style host side, as tender's vhost-user backend and hybrid-vsock VMMs
+ * provide): the agent connects to the host; its connections arrive on a unix socket at
+ * `<path>_<port>` where we listen. A reconnecting agent simply arrives again.
+ */
+export function listenAgentSession(path: string, port: number, onGone: () => void): DaemonAgentSession {
+  const file = `${path}_${port}`;
+  try {
+    unlinkSync(file);
+  } catch {
+    // not there
+  }
+  const server = net.createServer((sock) => {
+    if (x.closed()) return void sock.destroy();
+    x.adopt(new AgentClient(sock), onGone);
+  });
+  const x = session(() => server.close());
+  server.listen(file);
+  server.on('error', () => onGone());
+  return x.s;
+}
 
 export function connectAgentSession(path: string, onGone: () => void): DaemonAgentSession {
   let client: AgentClient | null = null;

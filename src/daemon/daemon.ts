@@ -27,6 +27,7 @@ export interface DaemonDeps {
   driver: VmmDriver;
   images: ImageProvider;
   connectAgent?: MachineManagerOptions['connectAgent'];
+  listenAgent?: MachineManagerOptions['listenAgent'];
   openBridgeTap?: MachineManagerOptions['openBridgeTap'];
 }
 
@@ -66,6 +67,7 @@ export async function startDaemon(o: { home?: string; log: Logger; deps: DaemonD
     events,
     log: o.log.child({ component: 'machines' }),
     connectAgent: o.deps.connectAgent,
+    listenAgent: o.deps.listenAgent,
     openBridgeTap: o.deps.openBridgeTap,
     bootTimeoutMs: o.bootTimeoutMs,
   });

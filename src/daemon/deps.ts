@@ -10,7 +10,7 @@ import { QemuDriver } from '../vmm/qemu.js';
 import { VfkitDriver } from '../vmm/vfkit.js';
 import type { AccelDecision } from '../vmm/kvm-probe.js';
 import { readJson, writeFileAtomic } from './atomic.js';
-import { connectAgentSession } from './agent-session.js';
+import { connectAgentSession, listenAgentSession } from './agent-session.js';
 import { openBridgeTap } from './bridge.js';
 import type { DaemonDeps } from './daemon.js';
 import type { ImageProvider } from './machines.js';
@@ -53,6 +53,7 @@ export function defaultDeps(p: Paths): DaemonDeps {
     driver,
     images: imageProvider(p),
     connectAgent: connectAgentSession,
+    listenAgent: listenAgentSession,
     openBridgeTap,
   };
 }

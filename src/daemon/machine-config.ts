@@ -32,6 +32,7 @@ export const MachineConfigT = Type.Object({
   forwards: Type.Array(Type.String()),
   autoForward: Type.Boolean(),
   accel: Type.Union([Type.Literal('auto'), Type.Literal('kvm'), Type.Literal('tcg')]),
+  agent: Type.Optional(Type.Union([Type.Literal('serial'), Type.Literal('vsock')])),
 });
 export type MachineConfig = Static<typeof MachineConfigT>;
 

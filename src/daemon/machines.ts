@@ -12,7 +12,7 @@
  * (no connection to lose; QEMU sends to the path), and the agent and control sockets are
  * served by the VMM, so a new daemon reconnects and re-adopts running machines.
  */
-import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { accessSync, constants as fsConstants, existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { ip4, mac as parseMac } from '../../netstack/addr.js';
 import { DatagramLink } from '../../netstack/link/datagram.js';
@@ -68,6 +68,8 @@ export interface CreateInput {
   forwards?: string[];
   accel?: 'auto' | 'kvm' | 'tcg';
   autoForward?: boolean;
+  /** The agent's channel: virtio-serial (default) or vsock (the host's vhost-vsock, else tender's vhost-user backend). */
+  agent?: 'serial' | 'vsock';
 }
 
 export interface MachineInfo {
@@ -113,6 +115,8 @@ export interface MachineManagerOptions {
   log: Logger;
   /** Connect to the agent channel the VMM serves at `path`; null when no agent is expected. */
   connectAgent?: (path: string, onGone: () => void) => AgentSession;
+  /** Wait for the agent's vsock connections at `<path>_<port>` (Firecracker-style host side). */
+  listenAgent?: (path: string, port: number, onGone: () => void) => AgentSession;
   /** Creates the host TAP for bridged mode (injectable; needs root). */
   openBridgeTap?: (name: string, bridge: string) => Promise<Link>;
   /** How long `start` waits for the agent and the address. */
@@ -124,6 +128,9 @@ export interface MachineHooks {
   agentReady?: (name: string) => void;
   stopped?: (name: string) => void;
 }
+
+/** The guest port the agent connects to over vsock. */
+export const AGENT_VSOCK_PORT = 1024;
 
 export class MachineManager {
   private readonly configs = new Map<string, MachineConfig>();
@@ -236,7 +243,7 @@ export class MachineManager {
       pid: rt.pid ?? null,
       forwards: live?.forwards ?? [],
       autoForwards: [...(live?.autoForwards.values() ?? [])],
-      agent: live?.agentReady ? `connected (${rt.agentChannel ?? 'virtio-serial'})` : live?.agent ? 'connecting' : 'not connected',
+      agent: `${live?.agentReady ? 'connected' : live?.agent ? 'connecting' : 'not connected'} (${agentChannelText(cfg)})`,
       lastExit: rt.lastExit ?? null,
       dir: this.dir(name),
       createdAt: cfg.createdAt,
@@ -285,6 +292,7 @@ export class MachineManager {
       forwards,
       autoForward: input.autoForward ?? true,
       accel: input.accel ?? 'auto',
+      agent: input.agent,
     };
     mkdirSync(this.dir(name), { recursive: true, mode: 0o700 });
     this.saveConfig(cfg);
@@ -331,7 +339,12 @@ export class MachineManager {
       cmdline: [...(img.cmdline ?? []), `tender.hostname=${cfg.name}`],
       accel: cfg.accel,
       net: { kind: 'dgram', mac: cfg.mac, localPath: join(dir, 'vmm-net.sock'), remotePath: join(dir, 'net.sock') },
-      agent: this.o.connectAgent ? { kind: 'virtio-serial', path: join(dir, 'agent.sock') } : { kind: 'none' },
+      agent: !this.o.connectAgent
+        ? { kind: 'none' }
+        : cfg.agent === 'vsock'
+          ? // One vhost-user backend per machine: the guest CID only has to be unique inside it.
+            { kind: 'vsock', cid: 3, port: AGENT_VSOCK_PORT, path: join(dir, 'vsock') }
+          : { kind: 'virtio-serial', path: join(dir, 'agent.sock') },
       serialLog: join(dir, 'serial.log'),
       controlSocket: join(dir, 'control.sock'),
     };
@@ -636,10 +649,13 @@ export class MachineManager {
   // ---------------- agent ----------------
 
   private connectAgent(name: string, spec: MachineSpec, live: Live): void {
-    if (!this.o.connectAgent || spec.agent.kind !== 'virtio-serial') return;
-    const session = this.o.connectAgent(spec.agent.path, () => {
+    const gone = () => {
       live.agentReady = false;
-    });
+    };
+    let session: AgentSession;
+    if (spec.agent.kind === 'virtio-serial' && this.o.connectAgent) session = this.o.connectAgent(spec.agent.path, gone);
+    else if (spec.agent.kind === 'vsock' && this.o.listenAgent) session = this.o.listenAgent(spec.agent.path, spec.agent.port, gone);
+    else return;
     live.agent = session;
     session.ready.then(
       () => {
@@ -715,6 +731,18 @@ export class MachineManager {
     }
     this.live.clear();
   }
+}
+
+function agentChannelText(cfg: MachineConfig): string {
+  if (cfg.agent !== 'vsock') return 'virtio-serial';
+  let host = false;
+  try {
+    accessSync('/dev/vhost-vsock', fsConstants.R_OK | fsConstants.W_OK);
+    host = true;
+  } catch {
+    host = false;
+  }
+  return host ? 'vsock via the host\'s vhost-vsock' : 'vsock via tender\'s vhost-user backend';
 }
 
 /** Parse a forward spec, as the coded error the API and CLI report. */

@@ -23,6 +23,46 @@ import { pidFile, qemuArgs } from './qemu-args.js';
 import { fileSize, isOurProcess, killAfter, pollUntilGone, readTail } from './process.js';
 import { QmpClient, type QmpEvent } from './qmp.js';
 import { hostTscKhz } from './tsc.js';
+import { findVhostVsock, withVhostUserVsock } from './vhost-vsock.js';
+
+/** Whether the host's kernel vhost-vsock can be used (QEMU's vhost-vsock-device). */
+function hostVhostVsock(): boolean {
+  try {
+    fs.accessSync('/dev/vhost-vsock', fs.constants.R_OK | fs.constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function vhostUserSocket(spec: MachineSpec): string {
+  return path.join(spec.dir, 'vhost-user-vsock.sock');
+}
+
+/**
+ * Start tender's vhost-user vsock backend for this machine, detached like QEMU itself so both
+ * survive a daemon restart; it exits when QEMU hangs up. Host-side sockets are
+ * Firecracker-style: the guest's connections to port P arrive at `<agent.path>_P`.
+ */
+async function startVhostUserBackend(spec: MachineSpec): Promise<void> {
+  if (spec.agent.kind !== 'vsock') return;
+  const bin = findVhostVsock();
+  if (!bin) throw new VmmStartError('vsock needs /dev/vhost-vsock or tender-vhost-vsock (npm ci builds it into build/vhost-vsock)');
+  const sock = vhostUserSocket(spec);
+  unlinkQuietly(sock);
+  const fd = fs.openSync(path.join(spec.dir, 'vhost-vsock.log'), 'a');
+  try {
+    const child = spawn(bin, ['--socket', sock, '--uds', spec.agent.path, '--cid', String(spec.agent.cid)], { stdio: ['ignore', fd, fd], detached: true });
+    child.unref();
+  } finally {
+    fs.closeSync(fd);
+  }
+  const deadline = Date.now() + 5000;
+  while (!isSocket(sock)) {
+    if (Date.now() > deadline) throw new VmmStartError(`the vhost-user vsock backend did not start (see ${path.join(spec.dir, 'vhost-vsock.log')})`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
 
 /** Where the caller keeps probe results between runs (the daemon persists them). */
 export interface AccelCache {
@@ -169,7 +209,12 @@ export class QemuDriver implements VmmDriver {
   }
 
   commandLine(spec: MachineSpec, accel: Exclude<Accel, 'auto'>): { cmd: string; args: string[] } {
-    return { cmd: this.qemu, args: qemuArgs(spec, accel, { tscKhz: this.tscKhz }) };
+    const args = qemuArgs(spec, accel, { tscKhz: this.tscKhz });
+    // vsock without the host's vhost-vsock: tender's vhost-user backend serves the device.
+    if (spec.agent.kind === 'vsock' && !hostVhostVsock()) {
+      return { cmd: this.qemu, args: withVhostUserVsock(args, { socket: vhostUserSocket(spec), memoryMiB: spec.memoryMiB }) };
+    }
+    return { cmd: this.qemu, args };
   }
 
   async resolveAccel(spec: MachineSpec): Promise<{ accel: Exclude<Accel, 'auto'>; warning?: string }> {
@@ -198,6 +243,7 @@ export class QemuDriver implements VmmDriver {
     unlinkQuietly(spec.controlSocket);
     unlinkQuietly(pidFile(spec));
     if (spec.agent.kind === 'virtio-serial') unlinkQuietly(spec.agent.path);
+    if (spec.agent.kind === 'vsock' && !hostVhostVsock()) await startVhostUserBackend(spec);
 
     const log = qemuLogFile(spec);
     const logFrom = { serial: fileSize(spec.serialLog), stderr: 0 };
