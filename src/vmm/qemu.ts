@@ -87,6 +87,8 @@ export interface QemuDriverOptions {
    * without QMP after this.
    */
   adoptQmpTimeoutMs?: number;
+  /** Whether the host's /dev/vhost-vsock is usable; default: checked. false → tender's vhost-user backend. */
+  hostVhostVsock?: boolean;
 }
 
 /** `VMM_START_FAILED`: QEMU exited or never answered on QMP. */
@@ -211,7 +213,7 @@ export class QemuDriver implements VmmDriver {
   commandLine(spec: MachineSpec, accel: Exclude<Accel, 'auto'>): { cmd: string; args: string[] } {
     const args = qemuArgs(spec, accel, { tscKhz: this.tscKhz });
     // vsock without the host's vhost-vsock: tender's vhost-user backend serves the device.
-    if (spec.agent.kind === 'vsock' && !hostVhostVsock()) {
+    if (spec.agent.kind === 'vsock' && !(this.o.hostVhostVsock ?? hostVhostVsock())) {
       return { cmd: this.qemu, args: withVhostUserVsock(args, { socket: vhostUserSocket(spec), memoryMiB: spec.memoryMiB }) };
     }
     return { cmd: this.qemu, args };
@@ -243,7 +245,7 @@ export class QemuDriver implements VmmDriver {
     unlinkQuietly(spec.controlSocket);
     unlinkQuietly(pidFile(spec));
     if (spec.agent.kind === 'virtio-serial') unlinkQuietly(spec.agent.path);
-    if (spec.agent.kind === 'vsock' && !hostVhostVsock()) await startVhostUserBackend(spec);
+    if (spec.agent.kind === 'vsock' && !(this.o.hostVhostVsock ?? hostVhostVsock())) await startVhostUserBackend(spec);
 
     const log = qemuLogFile(spec);
     const logFrom = { serial: fileSize(spec.serialLog), stderr: 0 };

@@ -75,18 +75,32 @@ export async function waitFor<T>(f: () => T | Promise<T>, ms = 10_000, step = 50
 
 /** A dnsmasq on 127.0.0.1 as an upstream DNS server with the given extra arguments. */
 export async function startDnsmasq(args: string[]): Promise<{ port: number; proc: ChildProcess; stop(): void }> {
-  const port = await freeUdpPort();
-  const proc = spawn(
-    'dnsmasq',
-    ['--no-daemon', '--no-resolv', '--no-hosts', '--bind-interfaces', '--listen-address=127.0.0.1', `--port=${port}`, '--pid-file=', ...args],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
-  );
-  // Ready when it answers.
-  await waitFor(async () => {
-    await run('dig', ['+time=1', '+tries=1', '-p', String(port), '@127.0.0.1', 'ready.invalid']);
-    return true;
-  }, 10_000, 100);
-  return { port, proc, stop: () => proc.kill() };
+  // The port is free for UDP when picked, but dnsmasq also binds TCP on it, and other tests run
+  // at the same time: if dnsmasq exits (port taken), pick another.
+  for (let attempt = 0; ; attempt++) {
+    const port = await freeUdpPort();
+    const proc = spawn(
+      'dnsmasq',
+      ['--no-daemon', '--no-resolv', '--no-hosts', '--bind-interfaces', '--listen-address=127.0.0.1', `--port=${port}`, '--pid-file=', ...args],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
+    let exited = false;
+    proc.on('exit', () => (exited = true));
+    try {
+      // Ready when it answers.
+      await waitFor(async () => {
+        if (exited) return 'exited';
+        await run('dig', ['+time=1', '+tries=1', '-p', String(port), '@127.0.0.1', 'ready.invalid']);
+        return 'ready';
+      }, 10_000, 100).then((r) => {
+        if (r === 'exited') throw new Error('dnsmasq exited');
+      });
+      return { port, proc, stop: () => proc.kill() };
+    } catch (err) {
+      proc.kill();
+      if (attempt >= 4) throw err;
+    }
+  }
 }
 
 export const UDHCPC_SCRIPT = `#!/bin/sh

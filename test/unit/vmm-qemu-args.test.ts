@@ -32,7 +32,9 @@ function spec(over: Partial<MachineSpec> = {}): MachineSpec {
   };
 }
 
-const driver = new QemuDriver({ tscKhz: 2_500_000 });
+// The host's vhost-vsock is assumed present for the exact command lines below; the
+// vhost-user variant has its own test.
+const driver = new QemuDriver({ tscKhz: 2_500_000, hostVhostVsock: true });
 
 const COMMON = (accel: 'tcg' | 'kvm', cpus = '2', mem = '512M') => [
   '-name', 'dev',
@@ -91,6 +93,20 @@ describe('QEMU command line', () => {
       '-device', 'vhost-vsock-device,id=vsock0,guest-cid=3',
       '-drive', `if=none,id=d0,file=${disk},format=raw,cache=writeback,discard=unmap`,
       '-device', 'virtio-blk-device,drive=d0',
+    ]);
+  });
+
+  test('vsock without the host\'s vhost-vsock: tender\'s vhost-user backend, guest RAM shared', () => {
+    const { args } = new QemuDriver({ tscKhz: 2_500_000, hostVhostVsock: false }).commandLine(
+      spec({ agent: { kind: 'vsock', cid: 3, port: 1024, path: '/s/m/dev/vsock' }, memoryMiB: 256, dir: '/s/m/dev' }),
+      'tcg',
+    );
+    expect(args).not.toContain('vhost-vsock-device,id=vsock0,guest-cid=3');
+    expect(args[args.indexOf('-M') + 1]).toMatch(/,memory-backend=tender-vsock-mem$/);
+    expect(args.slice(-6)).toEqual([
+      '-object', 'memory-backend-memfd,id=tender-vsock-mem,size=256M,share=on',
+      '-chardev', 'socket,id=tender-vsock,path=/s/m/dev/vhost-user-vsock.sock',
+      '-device', 'vhost-user-vsock-device,chardev=tender-vsock',
     ]);
   });
 
