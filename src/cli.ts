@@ -145,7 +145,14 @@ const isMain = invokedDirectly();
 if (isMain) {
   main().then((code) => {
     process.exitCode = code;
-    // Handles (sockets, timers) are closed by the commands; exit promptly regardless.
-    setImmediate(() => process.exit(code));
+    // Exit promptly even if a handle lingers (stdin, a socket), but only once stdout and stderr
+    // have drained: process.exit() at once can cut off output still queued for a pipe (the last
+    // lines of `machine exec` were lost that way).
+    let pending = 2;
+    const done = () => {
+      if (--pending === 0) process.exit(code);
+    };
+    process.stdout.write('', done);
+    process.stderr.write('', done);
   });
 }

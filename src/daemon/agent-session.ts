@@ -22,6 +22,7 @@ function session(onClose: () => void): {
   let client: AgentClient | null = null;
   let closed = false;
   let listenersFn: ((ls: Listener[]) => void) | null = null;
+  let helloFn: (() => void) | null = null;
   let resolveReady!: (v: unknown) => void;
   const ready = new Promise<unknown>((r) => (resolveReady = r));
   const current = () => {
@@ -33,17 +34,25 @@ function session(onClose: () => void): {
     adopt(c, onGone) {
       client?.close();
       client = c;
-      c.on('hello', () => resolveReady(c.hello));
+      c.on('hello', () => {
+        resolveReady(c.hello);
+        if (client === c) helloFn?.();
+      });
       c.on('listeners', (ls: readonly Listener[]) => listenersFn?.([...ls]));
       c.on('close', () => {
-        if (client === c) client = null;
-        onGone();
+        if (client === c) {
+          client = null;
+          onGone();
+        }
       });
     },
     s: {
       ready,
       onListeners(fn) {
         listenersFn = fn;
+      },
+      onHello(fn) {
+        helloFn = fn;
       },
       async poweroff() {
         await client?.poweroff();
@@ -85,15 +94,10 @@ export function listenAgentSession(path: string, port: number, onGone: () => voi
 }
 
 export function connectAgentSession(path: string, onGone: () => void): DaemonAgentSession {
-  let client: AgentClient | null = null;
-  let closed = false;
-  let listenersFn: ((ls: Listener[]) => void) | null = null;
-  let resolveReady!: (v: unknown) => void;
-  const ready = new Promise<unknown>((r) => (resolveReady = r));
+  const x = session(() => {});
   let delay = 100;
-
   const connect = () => {
-    if (closed) return;
+    if (x.closed()) return;
     const sock = net.connect(path);
     sock.once('error', () => {
       // Not there yet (VMM starting) or gone: retry with backoff until closed.
@@ -102,42 +106,12 @@ export function connectAgentSession(path: string, onGone: () => void): DaemonAge
     });
     sock.once('connect', () => {
       delay = 100;
-      const c = new AgentClient(sock);
-      client = c;
-      c.on('hello', () => resolveReady(c.hello));
-      c.on('listeners', (ls: readonly Listener[]) => listenersFn?.([...ls]));
-      c.on('close', () => {
-        if (client === c) client = null;
+      x.adopt(new AgentClient(sock), () => {
         onGone();
-        if (!closed) setTimeout(connect, 200).unref();
+        if (!x.closed()) setTimeout(connect, 200).unref();
       });
     });
   };
   connect();
-
-  return {
-    ready,
-    onListeners(fn) {
-      listenersFn = fn;
-    },
-    async poweroff() {
-      await client?.poweroff();
-    },
-    exec(argv, opts) {
-      if (!client || !client.hello) throw new TenderError('AGENT_UNAVAILABLE', 'the guest agent is not connected');
-      return client.exec(argv, opts);
-    },
-    async usbAttach(o) {
-      if (!client || !client.hello) throw new TenderError('AGENT_UNAVAILABLE', 'the guest agent is not connected');
-      return client.usbAttach(o);
-    },
-    async usbDetach(port) {
-      if (!client || !client.hello) throw new TenderError('AGENT_UNAVAILABLE', 'the guest agent is not connected');
-      await client.usbDetach(port);
-    },
-    close() {
-      closed = true;
-      client?.close();
-    },
-  };
+  return x.s;
 }

@@ -35,6 +35,8 @@ export interface AgentSession {
   /** Resolves on the agent's hello; rejects if the channel closes first. */
   readonly ready: Promise<unknown>;
   onListeners(fn: (ls: { proto: 'tcp' | 'udp'; address: string; port: number }[]) => void): void;
+  /** Every hello: the first and each one after the agent (or its channel) reconnected. */
+  onHello?(fn: () => void): void;
   poweroff(): Promise<void>;
   exec(argv: string[], opts: ExecOptions): ExecHandle;
   /** Import a USB/IP device into the guest's vhci-hcd; resolves with the vhci port. */
@@ -657,14 +659,15 @@ export class MachineManager {
     else if (spec.agent.kind === 'vsock' && this.o.listenAgent) session = this.o.listenAgent(spec.agent.path, spec.agent.port, gone);
     else return;
     live.agent = session;
-    session.ready.then(
-      () => {
-        live.agentReady = true;
-        this.o.log.info({ machine: name }, 'guest agent connected');
-        this.hooks.agentReady?.(name);
-      },
-      () => {},
-    );
+    const hello = () => {
+      if (this.live.get(name) !== live) return;
+      live.agentReady = true;
+      this.o.log.info({ machine: name }, 'guest agent connected');
+      this.hooks.agentReady?.(name);
+    };
+    // Every hello counts, not just the first: after a reconnect the agent is ready again.
+    if (session.onHello) session.onHello(hello);
+    else session.ready.then(hello, () => {});
     session.onListeners((ls) => void this.syncAutoForwards(name, live, ls));
   }
 
@@ -673,14 +676,14 @@ export class MachineManager {
     this.get(name);
     const live = this.live.get(name);
     if (!live?.agent) throw new TenderError('AGENT_UNAVAILABLE', `machine "${name}" is not running (or its image has no agent)`);
-    if (!live.agentReady) {
-      let timer: NodeJS.Timeout | undefined;
-      const ok = await Promise.race([
-        live.agent.ready.then(() => true),
-        new Promise<boolean>((r) => (timer = setTimeout(() => r(false), waitMs))),
-      ]);
-      clearTimeout(timer);
-      if (!ok || !live.agentReady) throw new TenderError('AGENT_UNAVAILABLE', `the guest agent of "${name}" did not connect within ${waitMs / 1000} s`);
+    // Connecting or reconnecting: wait for its next hello (the session's `ready` only covers
+    // the first one).
+    const deadline = Date.now() + waitMs;
+    while (!live.agentReady) {
+      if (Date.now() > deadline || this.live.get(name) !== live) {
+        throw new TenderError('AGENT_UNAVAILABLE', `the guest agent of "${name}" did not connect within ${waitMs / 1000} s`);
+      }
+      await new Promise((r) => setTimeout(r, 50));
     }
     return live.agent;
   }
