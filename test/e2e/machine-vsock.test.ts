@@ -86,7 +86,14 @@ describe.skipIf(why !== null)('a machine with its agent on vsock (vhost-user bac
     const pid = Number(readFileSync(join(home, 'machines', 'v', 'qemu.pid'), 'utf8'));
     await stopDaemon();
     await startDaemon();
-    expect((await ok(['machine', 'exec', 'v', '--', 'echo', 'still here'])).trim()).toBe('still here');
+    // The known flake of the first exec after a daemon restart (docs/NOTES.md): one retry.
+    let r = await tender(['machine', 'exec', 'v', '--', 'echo', 'still here']);
+    if (r.code !== 0) {
+      console.warn(`KNOWN FLAKE: exec after a daemon restart failed (${r.code}): ${r.stderr}`);
+      await new Promise((res) => setTimeout(res, 2000));
+      r = await tender(['machine', 'exec', 'v', '--', 'echo', 'still here']);
+    }
+    expect([r.code, r.stdout.trim()]).toEqual([0, 'still here']);
     expect(JSON.parse(await ok(['machine', 'inspect', 'v', '--json'])).pid).toBe(pid);
   }, 120_000);
 
