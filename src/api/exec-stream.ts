@@ -104,8 +104,17 @@ export function serveExec(sock: Duplex, agent: DaemonAgentSession, req: ExecRequ
   // The client going away kills the command (as ssh does when the connection drops).
   sock.on('close', () => h.signal('SIGHUP'));
   sock.on('error', () => {});
-  h.exit.then(
-    (st) => {
+  // EXIT goes last: after every byte of stdout and stderr was forwarded. The exit promise can
+  // settle before the readables emitted their last 'data' (they do so on a later tick), and
+  // ending the connection first lost that output.
+  const ended = (r: NodeJS.ReadableStream) =>
+    new Promise<void>((res) => {
+      if ((r as { readableEnded?: boolean }).readableEnded) return res();
+      r.once('end', () => res());
+      r.once('close', () => res());
+    });
+  Promise.all([h.exit, ended(h.stdout), ended(h.stderr)]).then(
+    ([st]) => {
       send(F.EXIT, Buffer.from(JSON.stringify(st)));
       sock.end();
     },
