@@ -12,7 +12,7 @@
  * archive appended to the initramfs (the kernel unpacks them in order); the image is not
  * modified.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as os from 'node:os';
@@ -27,7 +27,7 @@ import { FileBackend } from '../../usb/devices/scsi.js';
 import { StorageDevice } from '../../usb/devices/storage.js';
 import { UsbIpServer } from '../../usb/server.js';
 import { collect, ensureAgentBuilt, until } from '../helpers/agent.js';
-import { qemuArgs } from '../helpers/guest/qemu.js';
+import { spawnImageWithAgent } from '../helpers/agent-guest.js';
 import { hasCommand } from '../helpers/netns.js';
 
 const HOME = process.env.TENDER_TEST_IMAGE_HOME || '/var/tmp/tender-test-image';
@@ -119,27 +119,8 @@ describe.skipIf(why !== null)('USB attach and detach through the guest agent', (
     const extra = gzipSync(cpioNewc([{ kind: 'file', path: 'sbin/tender-agent', data: agent, mode: 0o755 }]));
     const initrd = path.join(dir, 'initrd.gz');
     fs.writeFileSync(initrd, Buffer.concat([base, pad, extra]));
-    const args = qemuArgs(
-      {
-        image: { dir: image.dir, kernel: image.kernel, initrd: image.initrd, kernelVersion: '', modules: [] },
-        memoryMiB: 384,
-        extraAppend: 'tender.console=0',
-        extraArgs: [
-          '-netdev', 'user,id=u0',
-          '-device', 'virtio-net-device,netdev=u0',
-          '-device', 'virtio-serial-device',
-          '-chardev', `socket,id=agent,path=${sockPath},server=on,wait=off`,
-          '-device', 'virtserialport,chardev=agent,name=org.tender.agent.0',
-        ],
-      },
-      initrd,
-    );
-    const p = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = spawnImageWithAgent({ image, initrd, agentSock: sockPath, onOutput: (t) => (serial += t) });
     proc = p;
-    p.stdout!.setEncoding('utf8').on('data', (s: string) => (serial += s));
-    p.stderr!.setEncoding('utf8').on('data', (s: string) => (serial += s));
-    const killTimer = setTimeout(() => p.kill('SIGKILL'), 170_000);
-    p.once('exit', () => clearTimeout(killTimer));
 
     const sock = await until(() => fs.existsSync(sockPath), 'the agent chardev socket', 30_000, 50).then(
       () => new Promise<net.Socket>((resolve, reject) => {

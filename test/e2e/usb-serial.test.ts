@@ -12,7 +12,7 @@
  * the fresh agent in a second cpio archive appended to the initramfs; the guest insmods it.
  * Its only dependency, usbcore, is in the image (vhci_hcd needs it).
  */
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
@@ -29,7 +29,7 @@ import { UsbIpServer } from '../../usb/server.js';
 import { collect, ensureAgentBuilt, until } from '../helpers/agent.js';
 import { cacheRoot } from '../helpers/guest/image.js';
 import { readModule } from '../helpers/guest/kmod.js';
-import { qemuArgs } from '../helpers/guest/qemu.js';
+import { spawnImageWithAgent } from '../helpers/agent-guest.js';
 import { hasCommand } from '../helpers/netns.js';
 
 const run = promisify(execFile);
@@ -131,27 +131,8 @@ describe.skipIf(why !== null)('CDC ACM serial device in a guest', () => {
     );
     const initrd = path.join(dir, 'initrd.gz');
     fs.writeFileSync(initrd, Buffer.concat([base, pad, extra]));
-    const args = qemuArgs(
-      {
-        image: { dir: image.dir, kernel: image.kernel, initrd: image.initrd, kernelVersion: '', modules: [] },
-        memoryMiB: 384,
-        extraAppend: 'tender.console=0',
-        extraArgs: [
-          '-netdev', 'user,id=u0',
-          '-device', 'virtio-net-device,netdev=u0',
-          '-device', 'virtio-serial-device',
-          '-chardev', `socket,id=agent,path=${agentSock},server=on,wait=off`,
-          '-device', 'virtserialport,chardev=agent,name=org.tender.agent.0',
-        ],
-      },
-      initrd,
-    );
-    const p = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = spawnImageWithAgent({ image, initrd, agentSock, onOutput: (t) => (serial += t) });
     proc = p;
-    p.stdout!.setEncoding('utf8').on('data', (s: string) => (serial += s));
-    p.stderr!.setEncoding('utf8').on('data', (s: string) => (serial += s));
-    const killTimer = setTimeout(() => p.kill('SIGKILL'), 170_000);
-    p.once('exit', () => clearTimeout(killTimer));
 
     await until(() => fs.existsSync(agentSock), 'the agent chardev socket', 30_000, 50);
     const sock = await new Promise<net.Socket>((resolve, reject) => {

@@ -151,3 +151,39 @@ export async function bootAgentGuest(image: GuestImage, opts: { timeoutMs?: numb
     },
   };
 }
+
+/**
+ * Boot the default machine image (with an extra initrd archive appended by the caller) under
+ * TCG with QEMU's user networking (the host is 10.0.2.2) and the agent's virtio-serial port
+ * served at `agentSock`. The console and QEMU's messages go to `onOutput`; QEMU is killed
+ * after `killAfterMs` whatever happens.
+ */
+export function spawnImageWithAgent(o: {
+  image: { dir: string; kernel: string; initrd: string };
+  initrd: string;
+  agentSock: string;
+  onOutput: (s: string) => void;
+  killAfterMs?: number;
+}): ChildProcess {
+  const args = qemuArgs(
+    {
+      image: { dir: o.image.dir, kernel: o.image.kernel, initrd: o.image.initrd, kernelVersion: '', modules: [] },
+      memoryMiB: 384,
+      extraAppend: 'tender.console=0',
+      extraArgs: [
+        '-netdev', 'user,id=u0',
+        '-device', 'virtio-net-device,netdev=u0',
+        '-device', 'virtio-serial-device',
+        '-chardev', `socket,id=agent,path=${o.agentSock},server=on,wait=off`,
+        '-device', 'virtserialport,chardev=agent,name=org.tender.agent.0',
+      ],
+    },
+    o.initrd,
+  );
+  const p = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  p.stdout!.setEncoding('utf8').on('data', o.onOutput);
+  p.stderr!.setEncoding('utf8').on('data', o.onOutput);
+  const killTimer = setTimeout(() => p.kill('SIGKILL'), o.killAfterMs ?? 170_000);
+  p.once('exit', () => clearTimeout(killTimer));
+  return p;
+}
