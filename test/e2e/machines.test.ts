@@ -260,10 +260,10 @@ describe.skipIf(why !== null)('machines, end to end (TCG)', () => {
   it('puts a machine on a LAN bridge: its lease comes from the LAN\'s DHCP server', async () => {
     await ok(['machine', 'create', 'c', '--memory', '256', '--net', `bridged:${bridge}`, '--start'], 240_000);
     const c = await inspect('c');
-    await waitFor(async () => /inet 10\.213\.9\.\d+/.test(await ok(['machine', 'exec', 'c', '--', 'ip', '-4', 'addr', 'show', 'eth0'])), 30_000);
+    const ip = await waitFor(async () => /inet (10\.213\.9\.\d+)/.exec(await ok(['machine', 'exec', 'c', '--', 'ip', '-4', 'addr', 'show', 'eth0']))?.[1], 30_000);
     expect(readFileSync(join(home, 'lan.leases'), 'utf8')).toContain(c.mac);
     // The LAN reaches it.
-    const ip = /inet (10\.213\.9\.\d+)/.exec(await ok(['machine', 'exec', 'c', '--', 'ip', '-4', 'addr', 'show', 'eth0']))![1]!;
+    if (!ip) throw new Error('no LAN address');
     await nsExec(lan, ['ping', '-c', '1', '-W', '5', ip]);
     // Back to the userspace network, live.
     expect(JSON.parse(await ok(['net', 'bridge', 'c', '--off', '--json'])).net).toBe('nat');
