@@ -19,7 +19,8 @@ export const INIT_SCRIPT = `#!/bin/busybox sh
 #   tender.probe=1         print TENDER-BOOT and power off at once (the KVM boot probe)
 #   root=DEV [rootfstype=T] [rootflags=O] [ro] [init=PATH]
 #                          mount DEV (/dev/vda, LABEL=, UUID=) and switch_root to its init;
-#                          the disk's own system then owns network and agent
+#                          the disk's own system then owns the network; the agent runs
+#                          inside it (copied to its /run/tender)
 /bin/busybox mkdir -p /proc /sys /dev /run /tmp
 /bin/busybox mount -t proc proc /proc
 /bin/busybox --install -s /bin
@@ -88,6 +89,24 @@ if [ -n "$HN" ]; then
 fi
 ip link set lo up
 
+agent_args() {
+  case "$AGENT" in
+    vsock:*) echo "--vsock \${AGENT#vsock:}" ;;
+  esac
+}
+
+# A root disk's own system knows nothing of tender: run the agent inside it anyway, so exec,
+# shell, automatic forwards and USB work as on the default image. The agent and a busybox for
+# its restart loop are copied to the new root's /run (our tmpfs, moved there), and the loop is
+# chrooted into the new root before switch_root: after the switch the initramfs is emptied,
+# and the chroot's root is the same mount that becomes /.
+start_agent_in() {
+  [ -x /sbin/tender-agent ] && [ "$AGENT" != none ] || return 0
+  mkdir -p "$1/run/tender" && cp /sbin/tender-agent /bin/busybox "$1/run/tender/" || return 0
+  chroot "$1" /run/tender/busybox sh -c "while :; do /run/tender/tender-agent $(agent_args) </dev/null >/dev/console 2>&1; echo 'TENDER-AGENT exited status='\$? >/dev/console; /run/tender/busybox sleep 1; done" &
+  echo "TENDER-AGENT started $AGENT (in the root disk)"
+}
+
 if [ -n "$ROOT" ]; then
   load_modules /etc/tender-modules.later
   dev=$ROOT
@@ -111,6 +130,7 @@ if [ -n "$ROOT" ]; then
         mount --move "/$d" "/newroot/$d"
       done
       umount /tmp 2>/dev/null
+      start_agent_in /newroot
       exec switch_root /newroot "$ROOTINIT"
     fi
     echo "TENDER-ERROR root: no $ROOTINIT on $dev"
@@ -122,10 +142,7 @@ if [ -n "$ROOT" ]; then
 fi
 
 if [ -x /sbin/tender-agent ] && [ "$AGENT" != none ]; then
-  case "$AGENT" in
-    vsock:*) AARGS="--vsock \${AGENT#vsock:}" ;;
-    *) AARGS= ;;
-  esac
+  AARGS=$(agent_args)
   # The agent never exits because the host went away; if it dies anyway, start it again.
   ( while :; do
       /sbin/tender-agent $AARGS </dev/null >/dev/console 2>&1
