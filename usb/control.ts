@@ -23,6 +23,7 @@ const DT_DEVICE = 1;
 const DT_CONFIG = 2;
 const DT_STRING = 3;
 const DT_DEVICE_QUALIFIER = 6;
+const DT_BOS = 15;
 
 const ENDPOINT_HALT = 0;
 
@@ -62,6 +63,7 @@ export async function handleStandardRequest(dev: UsbDevice, setup: Uint8Array, s
         const q = Uint8Array.of(10, 6, d.device[2]!, d.device[3]!, d.device[4]!, d.device[5]!, d.device[6]!, d.device[7]!, d.device[17]!, 0);
         return inData(q, wLength);
       }
+      if (type === DT_BOS && d.bos) return inData(d.bos, wLength);
       return stall(); // other-speed config, BOS (bcdUSB 2.00 devices have none), ...
     }
     case GET_STATUS: {

@@ -45,6 +45,8 @@ export interface UsbDescriptors {
   configurations: Uint8Array[];
   /** String descriptors by index (index 0 = language ids is generated). */
   strings: ReadonlyMap<number, string>;
+  /** The BOS descriptor set (bcdUSB >= 2.01 devices; SuperSpeed needs it), as read from a real device. */
+  bos?: Uint8Array;
 }
 
 export interface UsbDevice {
