@@ -7,8 +7,25 @@
 #endif
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/socket.h>
 #include <sys/types.h>
 #include "protocol.h"
+
+/*
+ * <linux/vm_sockets.h>'s address, restated: musl-gcc does not see the kernel's headers, and
+ * this layout is kernel ABI (include/uapi/linux/vm_sockets.h).
+ */
+#ifndef AF_VSOCK
+#define AF_VSOCK 40
+#endif
+struct sockaddr_vm {
+	sa_family_t svm_family;
+	unsigned short svm_reserved1;
+	unsigned int svm_port;
+	unsigned int svm_cid;
+	unsigned char svm_zero[sizeof(struct sockaddr) - sizeof(sa_family_t) - sizeof(unsigned short) -
+			       2 * sizeof(unsigned int)];
+};
 
 #define AGENT_VERSION "0.1.0"
 

@@ -1,8 +1,9 @@
 /*
  * USB_ATTACH / USB_DETACH: the guest side of USB/IP, what `usbip attach` does, without the tool.
  *
- * USB_ATTACH connects a TCP socket to the host's USB/IP server (the gateway address inside the
- * machine's network), sends OP_REQ_IMPORT for the busid, reads OP_REP_IMPORT (the 8-byte common
+ * USB_ATTACH connects to the host's USB/IP server, over TCP (the gateway address inside the
+ * machine's network) or AF_VSOCK (host "vsock:CID", normally CID 2: the host; vhci-hcd takes
+ * any SOCK_STREAM socket, it only sends and receives on it), sends OP_REQ_IMPORT for the busid, reads OP_REP_IMPORT (the 8-byte common
  * header, then the 312-byte device record only when the status is 0: the kernel's usbipd and
  * tender's server both stop after the header on a refusal), and hands the connected socket to
  * vhci-hcd by writing "port sockfd devid speed" to its sysfs `attach` file. The kernel takes its
@@ -240,7 +241,16 @@ void usb_attach_start(uint32_t stream, const uint8_t *payload, size_t len)
 	memset(&ss, 0, sizeof ss);
 	struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
 	struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
-	if (inet_pton(AF_INET, hbuf, &s4->sin_addr) == 1) {
+	struct sockaddr_vm *sv = (struct sockaddr_vm *)&ss;
+	unsigned long cid;
+	char *end;
+	if (strncmp(hbuf, "vsock:", 6) == 0 && hbuf[6] >= '0' && hbuf[6] <= '9' &&
+	    (cid = strtoul(hbuf + 6, &end, 10), *end == 0) && cid <= 0xffffffffUL) {
+		sv->svm_family = AF_VSOCK;
+		sv->svm_cid = (unsigned int)cid;
+		sv->svm_port = port;
+		sslen = sizeof *sv;
+	} else if (inet_pton(AF_INET, hbuf, &s4->sin_addr) == 1) {
 		s4->sin_family = AF_INET;
 		s4->sin_port = htons(port);
 		sslen = sizeof *s4;
@@ -249,7 +259,7 @@ void usb_attach_start(uint32_t stream, const uint8_t *payload, size_t len)
 		s6->sin6_port = htons(port);
 		sslen = sizeof *s6;
 	} else {
-		send_error(stream, E_BAD_PAYLOAD, 0, "USB_ATTACH host %s is not an IP address", hbuf);
+		send_error(stream, E_BAD_PAYLOAD, 0, "USB_ATTACH host %s is not an IP address or vsock:CID", hbuf);
 		return;
 	}
 	struct import *im = NULL;
@@ -285,10 +295,15 @@ void usb_attach_start(uint32_t stream, const uint8_t *payload, size_t len)
 		fail(im, E_USB_FAILED, errno, "socket");
 		return;
 	}
-	/* usbip sets these on the socket it hands over: URBs are latency-bound, and a dead peer is noticed. */
-	int one = 1;
-	setsockopt(im->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-	setsockopt(im->fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+	/*
+	 * usbip sets these on the TCP socket it hands over: URBs are latency-bound, and a dead peer
+	 * is noticed. vsock has neither Nagle nor keepalives (the transport resets a dead peer).
+	 */
+	if (ss.ss_family != AF_VSOCK) {
+		int one = 1;
+		setsockopt(im->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+		setsockopt(im->fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+	}
 	if (connect(im->fd, (struct sockaddr *)&ss, sslen) == 0)
 		im->stage = ST_SENDING;
 	else if (errno != EINPROGRESS) {

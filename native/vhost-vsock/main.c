@@ -32,6 +32,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vhost_user.h"
@@ -64,6 +65,69 @@ static void logf_(const char *fmt, ...) {
 }
 #define LOG(...) logf_(__VA_ARGS__)
 #define DBG(...) do { if (verbose) logf_(__VA_ARGS__); } while (0)
+
+/*
+ * Every packet, descriptor chain or host request the helper drops or refuses counts here, by
+ * name, so "why did that connection die" has an answer without -v. Read live with `STATS\n`
+ * on the host socket; printed to stderr (vhost-vsock.log) when the helper exits. Names are
+ * stable (docs/vsock.md lists them).
+ */
+#define DROP_COUNTERS(X)                                                                          \
+  X(tx_bad_chain)         /* tx chain refused by the ring walk (loop, indirect, outside memory) */ \
+  X(tx_short_packet)      /* tx chain shorter than the 44-byte header */                         \
+  X(tx_bad_cid)           /* not from the guest's CID to CID 2: dropped */                       \
+  X(tx_not_stream)        /* SEQPACKET or another type: reset */                                 \
+  X(tx_unknown_conn)      /* a packet for no connection of ours: reset (RST itself: dropped) */  \
+  X(tx_bad_state)         /* RESPONSE or RW where the connection state allows none: reset */    \
+  X(tx_bad_op)            /* an op virtio-vsock does not define: reset */                        \
+  X(tx_credit_overrun)    /* the guest sent beyond the credit we gave: reset */                  \
+  X(tx_duplicate_request) /* REQUEST for a connection that exists: reset */                      \
+  X(tx_request_refused)   /* REQUEST to a port nobody listens on (BASE_P), or no free slot: RST */ \
+  X(rx_bad_chain)         /* rx buffer refused (bad chain, or too small for a header) */         \
+  X(ctrl_queue_full)      /* a control packet (RST, RESPONSE, credit) not sent: queue full */    \
+  X(host_write_failed)    /* writing the guest's bytes to the host socket failed: reset */       \
+  X(host_pending_full)    /* a host client closed: too many waiting for their CONNECT line */   \
+  X(host_bad_line)        /* a host client's line was not CONNECT <port> or STATS */             \
+  X(host_conn_table_full) /* CONNECT refused: no free connection slot */                         \
+  X(vu_unsupported)       /* a vhost-user request we do not serve (ignored) */
+
+static struct {
+#define X(name) uint64_t name;
+  DROP_COUNTERS(X)
+#undef X
+} drops;
+
+/* Count a drop; evaluates to the count before (so `if (!DROP(x)) LOG(...)` logs the first). */
+static int stats_dirty;
+#define DROP(name) (stats_dirty = 1, drops.name++)
+static char stats_path[112];
+
+/* "STATS name=N name=N ...\n" */
+static int format_stats(char *out, size_t size) {
+  int n = snprintf(out, size, "STATS");
+#define X(name) if (n >= 0 && (size_t)n < size) n += snprintf(out + n, size - (size_t)n, " %s=%" PRIu64, #name, drops.name);
+  DROP_COUNTERS(X)
+#undef X
+  if (n >= 0 && (size_t)n < size) n += snprintf(out + n, size - (size_t)n, "\n");
+  return n;
+}
+
+/*
+ * `<uds>.stats`: the STATS line as a file, rewritten (through a rename) at most once a second
+ * while counters change, so the daemon reads it without a round trip (`machine inspect`).
+ */
+static void write_stats_file(void) {
+  char line[1024], tmp[sizeof stats_path + 8];
+  int n = format_stats(line, sizeof line);
+  snprintf(tmp, sizeof tmp, "%s.tmp", stats_path);
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return;
+  int ok = n > 0 && write(fd, line, (size_t)n) == n;
+  close(fd);
+  if (ok) rename(tmp, stats_path);
+  else unlink(tmp);
+  stats_dirty = 0;
+}
 
 /* ---- device state ---- */
 
@@ -153,7 +217,7 @@ static void conn_free(struct conn *c) {
 
 static void ctrl_push(uint32_t src_port, uint32_t dst_port, uint16_t op, uint32_t flags, const struct conn *c) {
   if (ctrl_len == CTRLQ_LEN) {
-    LOG("control queue full: dropping op %u", op);
+    if (!DROP(ctrl_queue_full)) LOG("control queue full: dropping op %u (counted in ctrl_queue_full)", op);
     return;
   }
   struct vsock_hdr *h = &ctrlq[(ctrl_head + ctrl_len++) % CTRLQ_LEN];
@@ -211,7 +275,7 @@ static void rx_ctrl(void) {
     int got = vq_pop(&r->q, &dev.mem, &ch);
     if (got == 0) return;
     if (got < 0 || ch.wr_len < VSOCK_HDR_LEN) {
-      LOG("rx: bad chain from the guest");
+      if (!DROP(rx_bad_chain)) LOG("rx: bad chain from the guest (counted in rx_bad_chain)");
       vq_push(&r->q, ch.head, 0);
       rx_dirty = 1;
       continue;
@@ -239,6 +303,7 @@ static void conn_pump_in(struct conn *c) {
     int got = vq_pop(&r->q, &dev.mem, &ch);
     if (got == 0) return;
     if (got < 0 || ch.wr_len <= VSOCK_HDR_LEN) {
+      DROP(rx_bad_chain);
       vq_push(&r->q, ch.head, 0);
       rx_dirty = 1;
       continue;
@@ -286,6 +351,7 @@ static int conn_flush_out(struct conn *c) {
     ssize_t n = write(c->fd, c->pend, c->pend_len);
     if (n < 0) {
       if (errno == EAGAIN || errno == EINTR) break;
+      DROP(host_write_failed);
       conn_reset(c);
       return -1;
     }
@@ -312,6 +378,7 @@ static int conn_flush_out(struct conn *c) {
 
 static void guest_request(const struct vsock_hdr *h) {
   if (conn_find(h->dst_port, h->src_port)) {
+    DROP(tx_duplicate_request);
     ctrl_push(h->dst_port, h->src_port, VSOCK_OP_RST, 0, NULL);
     return;
   }
@@ -331,6 +398,7 @@ static void guest_request(const struct vsock_hdr *h) {
   struct conn *c = fd >= 0 ? conn_new(fd, h->dst_port, h->src_port) : NULL;
   if (!c) {
     if (fd >= 0) close(fd);
+    DROP(tx_request_refused);
     ctrl_push(h->dst_port, h->src_port, VSOCK_OP_RST, 0, NULL);
     return;
   }
@@ -344,9 +412,11 @@ static void guest_request(const struct vsock_hdr *h) {
 static void guest_packet(const struct vsock_hdr *h, const struct vq_chain *ch) {
   if (h->src_cid != dev.cid || h->dst_cid != VSOCK_HOST_CID) {
     DBG("tx: drop cid %" PRIu64 " -> %" PRIu64, h->src_cid, h->dst_cid);
+    DROP(tx_bad_cid);
     return;
   }
   if (h->type != VSOCK_TYPE_STREAM) {
+    DROP(tx_not_stream);
     if (h->op != VSOCK_OP_RST) ctrl_push(h->dst_port, h->src_port, VSOCK_OP_RST, 0, NULL);
     return;
   }
@@ -357,6 +427,7 @@ static void guest_packet(const struct vsock_hdr *h, const struct vq_chain *ch) {
   struct conn *c = conn_find(h->dst_port, h->src_port);
   if (!c) {
     // 5.10.6.4: anything but RST for a connection we do not know is answered with RST.
+    DROP(tx_unknown_conn);
     if (h->op != VSOCK_OP_RST) ctrl_push(h->dst_port, h->src_port, VSOCK_OP_RST, 0, NULL);
     return;
   }
@@ -364,7 +435,7 @@ static void guest_packet(const struct vsock_hdr *h, const struct vq_chain *ch) {
   c->peer_fwd_cnt = h->fwd_cnt;
   switch (h->op) {
   case VSOCK_OP_RESPONSE:
-    if (c->state != C_CONNECTING) { conn_reset(c); return; }
+    if (c->state != C_CONNECTING) { DROP(tx_bad_state); conn_reset(c); return; }
     c->state = C_ESTABLISHED;
     {
       char ok[32];
@@ -382,11 +453,12 @@ static void guest_packet(const struct vsock_hdr *h, const struct vq_chain *ch) {
     conn_flush_out(c);
     return;
   case VSOCK_OP_RW: {
-    if (c->state == C_CONNECTING) { conn_reset(c); return; }
+    if (c->state == C_CONNECTING) { DROP(tx_bad_state); conn_reset(c); return; }
     uint32_t len = h->len;
     if (len > ch->rd_len - VSOCK_HDR_LEN) len = (uint32_t)(ch->rd_len - VSOCK_HDR_LEN);
     if (c->pend_len + len > BUF_ALLOC) {
       LOG("guest port %u overran its credit: reset", h->src_port);
+      DROP(tx_credit_overrun);
       conn_reset(c);
       return;
     }
@@ -402,6 +474,7 @@ static void guest_packet(const struct vsock_hdr *h, const struct vq_chain *ch) {
     conn_ctrl(c, VSOCK_OP_CREDIT_UPDATE, 0);
     return;
   default:
+    DROP(tx_bad_op);
     conn_reset(c);
   }
 }
@@ -418,8 +491,10 @@ static void tx_process(void) {
       chain_read(&ch, 0, b, VSOCK_HDR_LEN);
       vsock_hdr_parse(b, &h);
       guest_packet(&h, &ch);
+    } else if (got < 0) {
+      if (!DROP(tx_bad_chain)) LOG("tx: bad chain from the guest (counted in tx_bad_chain)");
     } else {
-      LOG("tx: bad chain from the guest");
+      DROP(tx_short_packet);
     }
     vq_push(&r->q, ch.head, 0);
     tx_dirty = 1;
@@ -613,6 +688,7 @@ static int vu_handle(void) {
     break; /* guest_cid is read-only for the driver */
   default:
     LOG("vhost-user: unsupported request %u (ignored)", h.request);
+    DROP(vu_unsupported);
     break;
   }
   // REPLY_ACK: a request flagged need_reply that has no reply of its own gets a u64 status.
@@ -650,6 +726,7 @@ static void host_accept(void) {
       return;
     }
   }
+  DROP(host_pending_full);
   close(fd);
 }
 
@@ -662,20 +739,29 @@ static void pending_read(struct pending *pc) {
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
     if (n <= 0) break;
     if (ch != '\n') {
-      if (pc->n + 1 >= sizeof pc->line) break;
+      if (pc->n + 1 >= sizeof pc->line) { DROP(host_bad_line); break; }
       pc->line[pc->n++] = ch;
       continue;
     }
     pc->line[pc->n] = 0;
     if (pc->n && pc->line[pc->n - 1] == '\r') pc->line[pc->n - 1] = 0;
     char *end;
-    if (strncmp(pc->line, "CONNECT ", 8) != 0) break;
+    if (strcmp(pc->line, "STATS") == 0) {
+      // The counters, one line, then the socket closes (a fresh socket's buffer takes it).
+      char out[1024];
+      int len = format_stats(out, sizeof out);
+      if (len > 0 && write(pc->fd, out, (size_t)len) < 0) DBG("STATS: %s", strerror(errno));
+      close(pc->fd);
+      pc->fd = -1;
+      return;
+    }
+    if (strncmp(pc->line, "CONNECT ", 8) != 0) { DROP(host_bad_line); break; }
     unsigned long port = strtoul(pc->line + 8, &end, 10);
-    if (*end || end == pc->line + 8 || port > UINT32_MAX) break;
+    if (*end || end == pc->line + 8 || port > UINT32_MAX) { DROP(host_bad_line); break; }
     uint32_t local = next_local_port++;
     if (next_local_port == 0) next_local_port = LOCAL_PORT_BASE;
     struct conn *c = conn_new(pc->fd, local, (uint32_t)port);
-    if (!c) break;
+    if (!c) { DROP(host_conn_table_full); break; }
     c->state = C_CONNECTING;
     conn_ctrl(c, VSOCK_OP_REQUEST, 0);
     DBG("host CONNECT %lu (local port %u)", port, local);
@@ -693,7 +779,14 @@ struct slot { int kind, idx; };
 
 static void on_signal(int sig) { (void)sig; stop = 1; }
 
+static int64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
 static int run(void) {
+  int64_t stats_written = 0;
   static struct pollfd pfd[4 + NQ + MAX_PENDING + MAX_CONNS];
   static struct slot slot[4 + NQ + MAX_PENDING + MAX_CONNS];
   while (!stop) {
@@ -717,7 +810,11 @@ static int run(void) {
       // spin the loop. Its EOF is read once we want input again.
       if (ev) ADD(c->fd, ev, K_CONN, i);
     }
-    if (poll(pfd, (nfds_t)n, -1) < 0) {
+    if (stats_dirty) {
+      int64_t now = mono_ms();
+      if (now - stats_written >= 1000) { write_stats_file(); stats_written = now; }
+    }
+    if (poll(pfd, (nfds_t)n, stats_dirty ? 1000 : -1) < 0) {
       if (errno == EINTR) continue;
       LOG("poll: %s", strerror(errno));
       return 1;
@@ -790,6 +887,8 @@ int main(int argc, char **argv) {
   // BASE_<port> must still fit in sun_path.
   if (strlen(uds) + 12 > sizeof uds_base) { LOG("--uds path too long"); return 2; }
   strcpy(uds_base, uds);
+  snprintf(stats_path, sizeof stats_path, "%s.stats", uds);
+  write_stats_file(); /* zeros: this helper's counts (the last one's are in the log) */
   for (int i = 0; i < NQ; i++) vring_reset(&dev.vr[i]);
   for (int i = 0; i < MAX_CONNS; i++) conns[i].fd = -1;
   for (int i = 0; i < MAX_PENDING; i++) pend_clients[i].fd = -1;
@@ -803,6 +902,9 @@ int main(int argc, char **argv) {
   printf("READY\n");
   fflush(stdout);
   int rc = run();
+  char line[1024];
+  if (format_stats(line, sizeof line) > 0) fprintf(stderr, "tender-vhost-vsock: exit: %s", line);
+  if (stats_dirty) write_stats_file();
   dev_reset();
   unlink(vu_path);
   unlink(uds);

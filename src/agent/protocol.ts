@@ -115,7 +115,11 @@ export interface Listener {
 
 /** USB_ATTACH: import `busid` from the USB/IP server at host:port and attach it to vhci-hcd. */
 export interface UsbAttachRequest {
-  /** IPv4 or IPv6 literal as the guest reaches it (the gateway address inside the machine's network). */
+  /**
+   * IPv4 or IPv6 literal as the guest reaches it (the gateway address inside the machine's
+   * network), or `vsock:CID` for AF_VSOCK (`vsock:2`: the host; agents since the vsock
+   * transport, older ones answer BAD_PAYLOAD).
+   */
   host: string;
   port: number;
   busid: string;

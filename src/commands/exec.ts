@@ -24,7 +24,12 @@ export async function runExec(name: string, argv: string[], opts: { tty: boolean
       path: `/v1/machines/${encodeURIComponent(name)}/exec`,
       headers: { Connection: 'Upgrade', Upgrade: 'tender-exec', 'X-Tender-Exec': header },
     });
-    req.on('upgrade', (_res, s) => resolve(s));
+    // `head`: bytes after the 101 that came in the same read (a fast command's whole output
+    // and EXIT can); dropping them lost the EXIT ("ended before the command did").
+    req.on('upgrade', (_res, s, head: Buffer) => {
+      if (head.length) s.unshift(head);
+      resolve(s);
+    });
     req.on('response', async (res) => {
       let body = '';
       for await (const d of res) body += d;

@@ -54,7 +54,7 @@ export function registerMachineCommands(program: Command): void {
     .option('-p, --forward <spec>', 'port forward [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|udp] (repeatable)', collect, [])
     .addOption(new Option('--accel <accel>', 'acceleration').choices(['auto', 'kvm', 'tcg']).default('auto'))
     .option('--no-auto-forward', 'do not forward the guest\'s listening ports automatically')
-    .addOption(new Option('--agent <channel>', 'guest agent channel: serial (virtio-serial) or vsock (the host\'s vhost-vsock, else tender\'s vhost-user backend)').choices(['serial', 'vsock']).default('serial'))
+    .addOption(new Option('--agent <channel>', 'guest agent channel: vsock (default: the host\'s vhost-vsock, else tender\'s vhost-user backend, else serial) or serial (virtio-serial)').choices(['serial', 'vsock']))
     .option('--start', 'start it right away')
     .option('--json', 'print the created machine as JSON')
     .action(async (name: string, o) => {
@@ -149,6 +149,7 @@ export function registerMachineCommands(program: Command): void {
         ['accel', m.accel ?? '-'],
         ['pid', m.pid ? String(m.pid) : '-'],
         ['agent', m.agent],
+        ...(m.vsockDrops && Object.keys(m.vsockDrops).length ? [['vsock drops', Object.entries(m.vsockDrops).map(([k, v]) => `${k}=${v}`).join(' ')] as [string, string]] : []),
         ['forwards', [...m.forwards, ...m.autoForwards].map((f) => f.spec).join(', ') || '-'],
         ['last exit', m.lastExit ? `${m.lastExit.reason} (${m.lastExit.at})` : '-'],
         ['directory', m.dir],

@@ -5,10 +5,10 @@
  * simply reconnects. Each connection gets an AgentClient; the agent itself says hello again
  * after a guest-side reconnect.
  */
-import { unlinkSync } from 'node:fs';
 import net from 'node:net';
 import { AgentClient, type Listener } from '../agent/client.js';
 import { TenderError } from '../errors.js';
+import { type GuestVsockEndpoint, listenGuestVsock } from '../vmm/vsock-channel.js';
 import type { AgentSession } from './machines.js';
 
 export type DaemonAgentSession = AgentSession;
@@ -72,24 +72,22 @@ function session(onClose: () => void): {
 }
 
 /**
- * vsock (Firecracker-style host side, as tender's vhost-user backend and hybrid-vsock VMMs
- * provide): the agent connects to the host; its connections arrive on a unix socket at
- * `<path>_<port>` where we listen. A reconnecting agent simply arrives again.
+ * vsock: the agent connects to the host. With tender's vhost-user backend (or a hybrid-vsock
+ * VMM) its connections arrive on a unix socket at `<path>_<port>`; with the host's
+ * vhost-vsock on an AF_VSOCK listener, picked out by the machine's CID (listenGuestVsock). A
+ * reconnecting agent simply arrives again.
  */
-export function listenAgentSession(path: string, port: number, onGone: () => void): DaemonAgentSession {
-  const file = `${path}_${port}`;
-  try {
-    unlinkSync(file);
-  } catch {
-    // not there
-  }
-  const server = net.createServer((sock) => {
-    if (x.closed()) return void sock.destroy();
-    x.adopt(new AgentClient(sock), onGone);
-  });
-  const x = session(() => server.close());
-  server.listen(file);
-  server.on('error', () => onGone());
+export function listenAgentSession(ep: GuestVsockEndpoint, port: number, onGone: () => void): DaemonAgentSession {
+  const listener = listenGuestVsock(
+    ep,
+    port,
+    (sock) => {
+      if (x.closed()) return void sock.destroy();
+      x.adopt(new AgentClient(sock), onGone);
+    },
+    () => onGone(),
+  );
+  const x = session(() => listener.close());
   return x.s;
 }
 

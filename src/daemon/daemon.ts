@@ -18,7 +18,9 @@ import { TenderError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { EventBus } from './events.js';
 import { UsbManager } from './usb.js';
-import { registerUsbRoutes } from '../api/usb-routes.js';
+import { handleUsbUpgrade, isUsbUpgrade, registerUsbRoutes } from '../api/usb-routes.js';
+import type { HostDeviceSource } from '../../usb/host/source.js';
+import { readJson } from './atomic.js';
 import { type ImageProvider, MachineManager, type MachineManagerOptions } from './machines.js';
 import { type Paths, paths as pathsFor } from './paths.js';
 import type { VmmDriver } from '../vmm/driver.js';
@@ -29,6 +31,41 @@ export interface DaemonDeps {
   connectAgent?: MachineManagerOptions['connectAgent'];
   listenAgent?: MachineManagerOptions['listenAgent'];
   openBridgeTap?: MachineManagerOptions['openBridgeTap'];
+  /**
+   * Host USB devices (libusb: `openHostUsb`). Absent or resolving to null: the daemon runs
+   * with virtual USB devices only.
+   */
+  hostUsb?: (log: Logger) => Promise<HostDeviceSource | null> | HostDeviceSource | null;
+}
+
+/** Daemon-wide settings in $TENDER_HOME/config.json that the daemon reads at start. */
+export interface DaemonConfig {
+  usb?: {
+    /** ADDR:PORT: the daemon serves shared USB devices there (off when absent). */
+    serve?: string | null;
+  };
+}
+
+/** config.json, or {} when there is none; a file that does not parse is reported, not fatal. */
+export function readDaemonConfig(file: string, log: Logger): DaemonConfig {
+  try {
+    const c = readJson<DaemonConfig>(file);
+    return c !== null && typeof c === 'object' ? c : {};
+  } catch (err) {
+    log.error({ file, err: (err as Error).message }, 'config.json unreadable: ignored');
+    return {};
+  }
+}
+
+/** The libusb host device source, or null (with one log line) when libusb cannot be loaded. */
+export async function openHostUsb(log: Logger): Promise<HostDeviceSource | null> {
+  try {
+    const { openLibusbSource } = await import('../../usb/host/libusb-source.js');
+    return await openLibusbSource({ log });
+  } catch (err) {
+    log.info({ err: (err as Error).message }, 'host USB devices unavailable (libusb not loaded): only virtual devices');
+    return null;
+  }
 }
 
 export interface Daemon {
@@ -71,7 +108,10 @@ export async function startDaemon(o: { home?: string; log: Logger; deps: DaemonD
     openBridgeTap: o.deps.openBridgeTap,
     bootTimeoutMs: o.bootTimeoutMs,
   });
-  const usb = new UsbManager({ paths: p, network, machines, events, log: o.log.child({ component: 'usb' }) });
+  const usbLog = o.log.child({ component: 'usb' });
+  const config = readDaemonConfig(p.config, o.log);
+  const hostSource = (await o.deps.hostUsb?.(usbLog)) ?? null;
+  const usb = new UsbManager({ paths: p, network, machines, events, log: usbLog, hostSource, serve: config.usb?.serve ?? null });
   await usb.load();
   machines.hooks.agentReady = (name) => void usb.restore(name);
   machines.hooks.stopped = (name) => usb.machineStopped(name);
@@ -80,8 +120,9 @@ export async function startDaemon(o: { home?: string; log: Logger; deps: DaemonD
   registerNetworkRoutes(api, network, { v1Prefix: '/v1/network' });
   registerMachineRoutes(api, machines, events);
   registerUsbRoutes(api, usb);
-  api.server.on('upgrade', (req: IncomingMessage, sock: Duplex) => {
-    // Only exec upgrades exist; anything else is refused like an unknown route.
+  api.server.on('upgrade', (req: IncomingMessage, sock: Duplex, head: Buffer) => {
+    if (isUsbUpgrade(req)) return handleUsbUpgrade(usb, sock, head);
+    // Otherwise only exec upgrades exist; anything else is refused like an unknown route.
     const m = /^\/v1\/machines\/([^/?]+)\/exec(\?.*)?$/.exec(req.url ?? '');
     if (req.method !== 'POST' || !m || String(req.headers.upgrade).toLowerCase() !== 'tender-exec') {
       sock.end(errorResponse(404, 'NOT_FOUND', `no upgrade route ${req.method} ${req.url}`));

@@ -12,7 +12,7 @@ import type { AccelDecision } from '../vmm/kvm-probe.js';
 import { readJson, writeFileAtomic } from './atomic.js';
 import { connectAgentSession, listenAgentSession } from './agent-session.js';
 import { openBridgeTap } from './bridge.js';
-import type { DaemonDeps } from './daemon.js';
+import { type DaemonDeps, openHostUsb } from './daemon.js';
 import type { ImageProvider } from './machines.js';
 import type { Paths } from './paths.js';
 
@@ -55,5 +55,6 @@ export function defaultDeps(p: Paths): DaemonDeps {
     connectAgent: connectAgentSession,
     listenAgent: listenAgentSession,
     openBridgeTap,
+    hostUsb: openHostUsb,
   };
 }

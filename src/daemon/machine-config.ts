@@ -32,6 +32,7 @@ export const MachineConfigT = Type.Object({
   forwards: Type.Array(Type.String()),
   autoForward: Type.Boolean(),
   accel: Type.Union([Type.Literal('auto'), Type.Literal('kvm'), Type.Literal('tcg')]),
+  /** The guest agent's channel; absent means the default (vsock where the host offers it, else virtio-serial). */
   agent: Type.Optional(Type.Union([Type.Literal('serial'), Type.Literal('vsock')])),
 });
 export type MachineConfig = Static<typeof MachineConfigT>;
@@ -47,8 +48,13 @@ export interface MachineRuntime {
   accel?: string;
   /** Why the VMM last ended, with when. */
   lastExit?: { reason: string; at: string };
-  /** Which channel the agent uses ("virtio-serial", "vsock"). */
+  /**
+   * Which channel the agent runs on: "virtio-serial", "vsock-host" (the host's vhost-vsock),
+   * "vsock-vhost-user" (tender's backend); "vsock" from daemons before vsock was the default.
+   */
   agentChannel?: string;
+  /** Why this run's agent is not on vsock although vsock was wanted (shown by inspect). */
+  agentWarning?: string;
 }
 
 const NAME_RE = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
@@ -108,8 +114,13 @@ export function applySetting(cfg: MachineConfig, kv: string): MachineConfig {
       if (value !== 'on' && value !== 'off') throw new TenderError('BAD_ARGUMENT', 'auto-forward must be on or off');
       next.autoForward = value === 'on';
       break;
+    case 'agent':
+      if (value !== 'serial' && value !== 'vsock' && value !== 'default') throw new TenderError('BAD_ARGUMENT', 'agent must be serial, vsock or default');
+      if (value === 'default') delete next.agent;
+      else next.agent = value;
+      break;
     default:
-      throw new TenderError('BAD_ARGUMENT', `unknown setting "${key}": cpus, memory, accel, net, auto-forward`);
+      throw new TenderError('BAD_ARGUMENT', `unknown setting "${key}": cpus, memory, accel, net, auto-forward, agent`);
   }
   return next;
 }

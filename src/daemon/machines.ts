@@ -12,7 +12,7 @@
  * (no connection to lose; QEMU sends to the path), and the agent and control sockets are
  * served by the VMM, so a new daemon reconnects and re-adopts running machines.
  */
-import { accessSync, constants as fsConstants, existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { ip4, mac as parseMac } from '../../netstack/addr.js';
 import { DatagramLink } from '../../netstack/link/datagram.js';
@@ -23,7 +23,9 @@ import { type ForwardSpec, ForwardSpecError, parseForwardSpec, formatForward } f
 import { ForwardError, type Forward } from '../../netstack/services/forwards.js';
 import { TenderError } from '../errors.js';
 import type { Logger } from '../log.js';
-import type { ExitInfo, MachineSpec, VmmDriver, VmmInstance } from '../vmm/driver.js';
+import type { AgentChannel, ExitInfo, MachineSpec, VmmDriver, VmmInstance } from '../vmm/driver.js';
+import { readVhostVsockStatsFile } from '../vmm/vhost-vsock.js';
+import { type GuestVsockEndpoint, type VsockChoice, type VsockVia, chooseVsock, hostCid } from '../vmm/vsock-channel.js';
 import type { ExecHandle, ExecOptions } from '../agent/client.js';
 import { readJson, writeFileAtomic } from './atomic.js';
 import type { EventBus } from './events.js';
@@ -70,7 +72,11 @@ export interface CreateInput {
   forwards?: string[];
   accel?: 'auto' | 'kvm' | 'tcg';
   autoForward?: boolean;
-  /** The agent's channel: virtio-serial (default) or vsock (the host's vhost-vsock, else tender's vhost-user backend). */
+  /**
+   * The agent's channel: vsock (the default: the host's vhost-vsock, else tender's vhost-user
+   * backend, else virtio-serial with a warning) or serial (virtio-serial). Unset: the default
+   * of the daemon that starts it.
+   */
   agent?: 'serial' | 'vsock';
 }
 
@@ -88,6 +94,11 @@ export interface MachineInfo {
   forwards: Forward[];
   autoForwards: Forward[];
   agent: string;
+  /**
+   * tender's vhost-user vsock backend's drop counters that are not zero (its current or last
+   * run; docs/vsock.md), or null when the machine has not used that backend.
+   */
+  vsockDrops?: Record<string, number> | null;
   lastExit: { reason: string; at: string } | null;
   dir: string;
   createdAt: string;
@@ -117,8 +128,10 @@ export interface MachineManagerOptions {
   log: Logger;
   /** Connect to the agent channel the VMM serves at `path`; null when no agent is expected. */
   connectAgent?: (path: string, onGone: () => void) => AgentSession;
-  /** Wait for the agent's vsock connections at `<path>_<port>` (Firecracker-style host side). */
-  listenAgent?: (path: string, port: number, onGone: () => void) => AgentSession;
+  /** Wait for the agent's vsock connections to host port `port` (vsock-channel.ts: listenGuestVsock). */
+  listenAgent?: (ep: GuestVsockEndpoint, port: number, onGone: () => void) => AgentSession;
+  /** Which vsock this host offers (default: chooseVsock(), checked at each start). */
+  vsock?: () => VsockChoice;
   /** Creates the host TAP for bridged mode (injectable; needs root). */
   openBridgeTap?: (name: string, bridge: string) => Promise<Link>;
   /** How long `start` waits for the agent and the address. */
@@ -133,6 +146,19 @@ export interface MachineHooks {
 
 /** The guest port the agent connects to over vsock. */
 export const AGENT_VSOCK_PORT = 1024;
+
+/**
+ * The agent channel a machine runs with, as recorded in state.json (`agentChannel`), so a
+ * re-adopted machine keeps the channel it booted with whatever the config or host say now.
+ * "vsock" is what daemons before vsock-by-default recorded (the driver chose the path).
+ */
+type ChannelRecord = 'virtio-serial' | 'vsock-host' | 'vsock-vhost-user';
+
+function channelText(c: ChannelRecord): string {
+  if (c === 'vsock-host') return "vsock via the host's vhost-vsock";
+  if (c === 'vsock-vhost-user') return "vsock via tender's vhost-user backend";
+  return 'virtio-serial';
+}
 
 export class MachineManager {
   private readonly configs = new Map<string, MachineConfig>();
@@ -197,7 +223,7 @@ export class MachineManager {
   }
 
   private async adopt(cfg: MachineConfig, rt: MachineRuntime): Promise<void> {
-    const spec = await this.spec(cfg, { kernel: '', initrd: undefined });
+    const spec = await this.spec(cfg, { kernel: '', initrd: undefined }, this.recordedChannel(rt));
     const instance = await this.o.driver.adopt(spec, rt.pid!);
     if (instance === null) {
       rt.lastExit = { reason: 'exited while tender was not running', at: new Date().toISOString() };
@@ -245,7 +271,8 @@ export class MachineManager {
       pid: rt.pid ?? null,
       forwards: live?.forwards ?? [],
       autoForwards: [...(live?.autoForwards.values() ?? [])],
-      agent: `${live?.agentReady ? 'connected' : live?.agent ? 'connecting' : 'not connected'} (${agentChannelText(cfg)})`,
+      agent: `${live?.agentReady ? 'connected' : live?.agent ? 'connecting' : 'not connected'} (${this.agentChannelText(name)})`,
+      vsockDrops: vsockDrops(join(this.dir(name), 'vsock')),
       lastExit: rt.lastExit ?? null,
       dir: this.dir(name),
       createdAt: cfg.createdAt,
@@ -328,7 +355,55 @@ export class MachineManager {
     };
   }
 
-  private async spec(cfg: MachineConfig, img: BootImage): Promise<MachineSpec> {
+  /**
+   * The channel a start uses: serial when asked for; otherwise (the default, and configs
+   * written before there was a choice) vsock when the host offers it, else serial with the
+   * reason as a warning: a machine must not fail to start for want of vsock.
+   */
+  private chooseChannel(cfg: MachineConfig): { channel: ChannelRecord; warning?: string } {
+    if (cfg.agent === 'serial') return { channel: 'virtio-serial' };
+    const v = (this.o.vsock ?? chooseVsock)();
+    if (v.via === null) return { channel: 'virtio-serial', warning: `vsock unavailable (${v.why}): the agent uses virtio-serial` };
+    return { channel: v.via === 'host' ? 'vsock-host' : 'vsock-vhost-user' };
+  }
+
+  /** The recorded channel of a machine started by this or an earlier daemon. */
+  private recordedChannel(rt: MachineRuntime): ChannelRecord {
+    const c = rt.agentChannel;
+    if (c === 'vsock-host' || c === 'vsock-vhost-user' || c === 'virtio-serial') return c;
+    if (c === 'vsock') return (this.o.vsock ?? chooseVsock)().via === 'host' ? 'vsock-host' : 'vsock-vhost-user';
+    return 'virtio-serial';
+  }
+
+  private agentSpec(dir: string, channel: ChannelRecord): AgentChannel {
+    if (!this.o.connectAgent) return { kind: 'none' };
+    if (channel === 'virtio-serial') return { kind: 'virtio-serial', path: join(dir, 'agent.sock') };
+    const via: VsockVia = channel === 'vsock-host' ? 'host' : 'vhost-user';
+    // vhost-user: one backend per machine, so the CID only has to be unique inside it. The
+    // host kernel's CIDs are host-wide: one per machine directory.
+    return { kind: 'vsock', via, cid: via === 'host' ? hostCid(dir) : 3, port: AGENT_VSOCK_PORT, path: join(dir, 'vsock') };
+  }
+
+  /** What inspect shows: the channel running now, else the one the next start would use. */
+  private agentChannelText(name: string): string {
+    const rt = this.runtime.get(name);
+    if (rt?.pid && this.live.has(name)) return channelText(this.recordedChannel(rt)) + (rt.agentWarning ? `; ${rt.agentWarning}` : '');
+    const c = this.chooseChannel(this.get(name));
+    return channelText(c.channel) + (c.warning ? `; ${c.warning}` : '');
+  }
+
+  /**
+   * Where a running machine's guest-initiated vsock connections arrive (USB/IP over vsock
+   * listens there too), or null when its agent channel is not vsock.
+   */
+  vsockEndpoint(name: string): GuestVsockEndpoint | null {
+    const rt = this.runtime.get(name);
+    if (!rt?.pid || !this.live.has(name)) return null;
+    const a = this.agentSpec(this.dir(name), this.recordedChannel(rt));
+    return a.kind === 'vsock' ? { via: a.via!, cid: a.cid, path: a.path } : null;
+  }
+
+  private async spec(cfg: MachineConfig, img: BootImage, channel: ChannelRecord): Promise<MachineSpec> {
     const dir = this.dir(cfg.name);
     return {
       name: cfg.name,
@@ -341,12 +416,7 @@ export class MachineManager {
       cmdline: [...(img.cmdline ?? []), `tender.hostname=${cfg.name}`],
       accel: cfg.accel,
       net: { kind: 'dgram', mac: cfg.mac, localPath: join(dir, 'vmm-net.sock'), remotePath: join(dir, 'net.sock') },
-      agent: !this.o.connectAgent
-        ? { kind: 'none' }
-        : cfg.agent === 'vsock'
-          ? // One vhost-user backend per machine: the guest CID only has to be unique inside it.
-            { kind: 'vsock', cid: 3, port: AGENT_VSOCK_PORT, path: join(dir, 'vsock') }
-          : { kind: 'virtio-serial', path: join(dir, 'agent.sock') },
+      agent: this.agentSpec(dir, channel),
       serialLog: join(dir, 'serial.log'),
       controlSocket: join(dir, 'control.sock'),
     };
@@ -363,7 +433,9 @@ export class MachineManager {
       } catch (err) {
         throw err instanceof TenderError ? err : new TenderError('IMAGE_UNAVAILABLE', (err as Error).message, { cause: err });
       }
-      const spec = await this.spec(cfg, img);
+      const chosen = this.chooseChannel(cfg);
+      if (chosen.warning) this.o.log.warn({ machine: name }, chosen.warning);
+      const spec = await this.spec(cfg, img, chosen.channel);
       const live = this.newLive();
       this.live.set(name, live);
       delete rt.ip;
@@ -378,7 +450,9 @@ export class MachineManager {
         live.instance = instance;
         rt.pid = instance.pid;
         rt.startedAt = new Date().toISOString();
-        rt.agentChannel = spec.agent.kind;
+        rt.agentChannel = chosen.channel;
+        if (chosen.warning) rt.agentWarning = chosen.warning;
+        else delete rt.agentWarning;
         this.saveRuntime(name);
         this.watchExit(name, instance);
         this.connectAgent(name, spec, live);
@@ -656,7 +730,9 @@ export class MachineManager {
     };
     let session: AgentSession;
     if (spec.agent.kind === 'virtio-serial' && this.o.connectAgent) session = this.o.connectAgent(spec.agent.path, gone);
-    else if (spec.agent.kind === 'vsock' && this.o.listenAgent) session = this.o.listenAgent(spec.agent.path, spec.agent.port, gone);
+    else if (spec.agent.kind === 'vsock' && this.o.listenAgent) {
+      session = this.o.listenAgent({ via: spec.agent.via ?? 'vhost-user', cid: spec.agent.cid, path: spec.agent.path }, spec.agent.port, gone);
+    }
     else return;
     live.agent = session;
     const hello = () => {
@@ -736,16 +812,9 @@ export class MachineManager {
   }
 }
 
-function agentChannelText(cfg: MachineConfig): string {
-  if (cfg.agent !== 'vsock') return 'virtio-serial';
-  let host = false;
-  try {
-    accessSync('/dev/vhost-vsock', fsConstants.R_OK | fsConstants.W_OK);
-    host = true;
-  } catch {
-    host = false;
-  }
-  return host ? 'vsock via the host\'s vhost-vsock' : 'vsock via tender\'s vhost-user backend';
+function vsockDrops(uds: string): Record<string, number> | null {
+  const st = readVhostVsockStatsFile(uds);
+  return st && Object.fromEntries(Object.entries(st).filter(([, v]) => v > 0));
 }
 
 /** Parse a forward spec, as the coded error the API and CLI report. */

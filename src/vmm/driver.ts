@@ -5,6 +5,8 @@
  * the agent channel and state live outside it.
  */
 
+import type { VsockVia } from './vsock-channel.js';
+
 export type Accel = 'auto' | 'kvm' | 'tcg' | 'hvf';
 
 /** How the machine's NIC reaches tender's network. */
@@ -25,11 +27,13 @@ export type AgentChannel =
   /** A virtio-serial port named org.tender.agent.0; the VMM serves `path` (a unix socket) and tender connects, so tender can reconnect after a restart. */
   | { kind: 'virtio-serial'; path: string }
   /**
-   * vsock to guest port `port`. QEMU: vhost-vsock-device with guest-cid `cid` (needs the host's
-   * /dev/vhost-vsock; `path` unused until tender's vhost-user backend exists); vfkit: `path` is
-   * its per-port unix socket.
+   * vsock; the agent connects to host port `port`. QEMU: `via` 'host' is vhost-vsock-device
+   * with guest-cid `cid` (the host's /dev/vhost-vsock; the host side is AF_VSOCK); 'vhost-user'
+   * is tender's backend, whose host side is Firecracker-style unix sockets at `<path>_<port>`
+   * (docs/vsock.md); unset: the driver checks /dev/vhost-vsock itself. vfkit: `path` is its
+   * per-port unix socket.
    */
-  | { kind: 'vsock'; cid: number; port: number; path: string }
+  | { kind: 'vsock'; cid: number; port: number; path: string; via?: VsockVia }
   | { kind: 'none' };
 
 export interface MachineSpec {

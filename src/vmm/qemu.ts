@@ -24,16 +24,7 @@ import { fileSize, isOurProcess, killAfter, pollUntilGone, readTail } from './pr
 import { QmpClient, type QmpEvent } from './qmp.js';
 import { hostTscKhz } from './tsc.js';
 import { findVhostVsock, withVhostUserVsock } from './vhost-vsock.js';
-
-/** Whether the host's kernel vhost-vsock can be used (QEMU's vhost-vsock-device). */
-function hostVhostVsock(): boolean {
-  try {
-    fs.accessSync('/dev/vhost-vsock', fs.constants.R_OK | fs.constants.W_OK);
-    return true;
-  } catch {
-    return false;
-  }
-}
+import { hostVhostVsockUsable } from './vsock-channel.js';
 
 export function vhostUserSocket(spec: MachineSpec): string {
   return path.join(spec.dir, 'vhost-user-vsock.sock');
@@ -213,10 +204,17 @@ export class QemuDriver implements VmmDriver {
   commandLine(spec: MachineSpec, accel: Exclude<Accel, 'auto'>): { cmd: string; args: string[] } {
     const args = qemuArgs(spec, accel, { tscKhz: this.tscKhz });
     // vsock without the host's vhost-vsock: tender's vhost-user backend serves the device.
-    if (spec.agent.kind === 'vsock' && !(this.o.hostVhostVsock ?? hostVhostVsock())) {
+    if (this.usesVhostUser(spec)) {
       return { cmd: this.qemu, args: withVhostUserVsock(args, { socket: vhostUserSocket(spec), memoryMiB: spec.memoryMiB }) };
     }
     return { cmd: this.qemu, args };
+  }
+
+  /** vsock without the host's vhost-vsock (or asked for explicitly): tender's vhost-user backend. */
+  private usesVhostUser(spec: MachineSpec): boolean {
+    if (spec.agent.kind !== 'vsock') return false;
+    if (spec.agent.via) return spec.agent.via === 'vhost-user';
+    return !(this.o.hostVhostVsock ?? hostVhostVsockUsable());
   }
 
   async resolveAccel(spec: MachineSpec): Promise<{ accel: Exclude<Accel, 'auto'>; warning?: string }> {
@@ -245,7 +243,7 @@ export class QemuDriver implements VmmDriver {
     unlinkQuietly(spec.controlSocket);
     unlinkQuietly(pidFile(spec));
     if (spec.agent.kind === 'virtio-serial') unlinkQuietly(spec.agent.path);
-    if (spec.agent.kind === 'vsock' && !(this.o.hostVhostVsock ?? hostVhostVsock())) await startVhostUserBackend(spec);
+    if (this.usesVhostUser(spec)) await startVhostUserBackend(spec);
 
     const log = qemuLogFile(spec);
     const logFrom = { serial: fileSize(spec.serialLog), stderr: 0 };

@@ -12,6 +12,7 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import net from 'node:net';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -97,6 +98,54 @@ export function withVhostUserVsock(args: readonly string[], o: { socket: string;
     '-device', 'vhost-user-vsock-device,chardev=tender-vsock',
   );
   return out;
+}
+
+/**
+ * The helper's named drop counters (docs/vsock.md): every packet, descriptor chain or host
+ * request it dropped or refused, by reason. `STATS name=N ...` is the helper's line format.
+ */
+export type VhostVsockStats = Record<string, number>;
+
+export function parseVhostVsockStats(line: string): VhostVsockStats | null {
+  const words = line.trim().split(/\s+/);
+  if (words[0] !== 'STATS') return null;
+  const out: VhostVsockStats = {};
+  for (const w of words.slice(1)) {
+    const m = /^([a-z_]+)=(\d+)$/.exec(w);
+    if (m) out[m[1]!] = Number(m[2]);
+  }
+  return out;
+}
+
+/** The counters from `<uds>.stats` (rewritten by the helper at most once a second), or null. */
+export function readVhostVsockStatsFile(uds: string): VhostVsockStats | null {
+  try {
+    return parseVhostVsockStats(fs.readFileSync(`${uds}.stats`, 'utf8'));
+  } catch {
+    return null;
+  }
+}
+
+/** The live counters: `STATS\n` on the helper's host socket (`uds`). */
+export function queryVhostVsockStats(uds: string, timeoutMs = 2000): Promise<VhostVsockStats> {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(uds);
+    let text = '';
+    const timer = setTimeout(() => sock.destroy(new VhostVsockError(`no STATS answer on ${uds} within ${timeoutMs} ms`)), timeoutMs);
+    sock.setEncoding('utf8');
+    sock.on('connect', () => sock.write('STATS\n'));
+    sock.on('data', (d: string) => (text += d));
+    sock.on('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+    sock.on('end', () => {
+      clearTimeout(timer);
+      const st = parseVhostVsockStats(text);
+      if (st) resolve(st);
+      else reject(new VhostVsockError(`not a STATS line from ${uds}: ${JSON.stringify(text.slice(0, 80))}`));
+    });
+  });
 }
 
 export class VhostVsock {

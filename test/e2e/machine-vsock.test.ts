@@ -1,12 +1,16 @@
 /**
- * A machine whose guest agent talks over vsock, on a host without /dev/vhost-vsock: the QEMU
- * driver starts tender's vhost-user vsock backend for it, and the daemon takes the agent's
- * connections at the Firecracker-style `<dir>/vsock_1024` socket. Through the CLI, like a user:
- * start, exec, a daemon restart (the agent reconnects to the new daemon through the backend,
- * which outlives it), stop.
+ * A machine whose guest agent talks over vsock (the default channel), on a host without
+ * /dev/vhost-vsock: the QEMU driver starts tender's vhost-user vsock backend for it, and the
+ * daemon takes the agent's connections at the Firecracker-style `<dir>/vsock_1024` socket.
+ * Through the CLI, like a user: start, exec, a daemon restart (the agent reconnects to the new
+ * daemon through the backend, which outlives it), a virtual USB disk imported over vsock
+ * (USB/IP on the guest's AF_VSOCK to the host's port 3240, arriving at `<dir>/vsock_3240`),
+ * stop; `machine set agent=serial` switches the next start to virtio-serial, where the same
+ * disk is imported over TCP through the userspace network.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -72,11 +76,14 @@ describe.skipIf(why !== null)('a machine with its agent on vsock (vhost-user bac
     rmSync(home, { recursive: true, force: true });
   }, 60_000);
 
-  it('boots with the agent on vsock and runs commands', async () => {
-    await ok(['machine', 'create', 'v', '--memory', '256', '--agent', 'vsock', '--start']);
+  it('boots with the agent on vsock (the default) and runs commands', async () => {
+    await ok(['machine', 'create', 'v', '--memory', '256', '--start']);
+    expect(JSON.parse(readFileSync(join(home, 'machines', 'v', 'machine.json'), 'utf8')).agent).toBeUndefined();
     const m = JSON.parse(await ok(['machine', 'inspect', 'v', '--json']));
     expect(m.state).toBe('running');
     expect(m.agent).toMatch(hostVsock ? /connected \(vsock via the host/ : /connected \(vsock via tender's vhost-user backend\)/);
+    // The backend's drop counters (only the non-zero ones): there, as an object.
+    if (!hostVsock) expect(m.vsockDrops).toEqual(expect.any(Object));
     expect((await ok(['machine', 'exec', 'v', '--', 'uname', '-s'])).trim()).toBe('Linux');
     // The guest side really is AF_VSOCK: the agent was started with --vsock.
     expect(await ok(['machine', 'exec', 'v', '--', 'sh', '-c', 'cat /proc/$(pidof tender-agent)/cmdline | tr "\\\\0" " "'])).toContain('--vsock 1024');
@@ -97,8 +104,44 @@ describe.skipIf(why !== null)('a machine with its agent on vsock (vhost-user bac
     expect(JSON.parse(await ok(['machine', 'inspect', 'v', '--json'])).pid).toBe(pid);
   }, 120_000);
 
+  // The guest's TCP connections to port 3240 (0CA8) in /proc/net/tcp: none when USB/IP runs over vsock.
+  const tcpToUsbip = async (m: string) =>
+    (await ok(['machine', 'exec', m, '--', 'sh', '-c', 'cat /proc/net/tcp'])).split('\n').filter((l) => / [0-9A-F]{8}:0CA8 01 /.test(l)).length;
+  const data = Buffer.alloc(1024 * 1024).map((_, i) => (i * 13 + 5) & 255);
+  const importDisk = async () => {
+    await ok(['usb', 'attach', 'v', 'stick']);
+    const size = await waitFor(async () => ((await ok(['machine', 'exec', 'v', '--', 'sh', '-c', 'cat /sys/block/sd*/size 2>/dev/null'])).trim() === '2048' ? true : null), 30_000);
+    expect(size).toBe(true);
+    const sum = await ok(['machine', 'exec', 'v', '--', 'sh', '-c', 'dd if=/dev/sda bs=64k 2>/dev/null | md5sum']);
+    expect(sum.split(' ')[0]).toBe(createHash('md5').update(data).digest('hex'));
+  };
+
+  it('imports a virtual USB disk over vsock', async () => {
+    const img = join(home, 'usb-disk.img');
+    writeFileSync(img, data);
+    await ok(['usb', 'virtual', 'add', 'storage', '--image', img, '--name', 'stick', '--read-only']);
+    await importDisk();
+    expect(existsSync(join(home, 'machines', 'v', 'vsock_3240'))).toBe(true);
+    expect(await tcpToUsbip('v')).toBe(0);
+    await ok(['usb', 'detach', 'v', 'stick']);
+    await waitFor(async () => (await ok(['machine', 'exec', 'v', '--', 'sh', '-c', 'ls /sys/block | grep -c sd || true'])).trim() === '0', 20_000);
+  }, 120_000);
+
   it('stops cleanly, and the backend goes with QEMU', async () => {
     expect(JSON.parse(await ok(['machine', 'stop', 'v', '--json'])).state).toBe('stopped');
     await waitFor(async () => !(await run('pgrep', ['-f', join(home, 'machines', 'v', 'vhost-user-vsock.sock')]).then(() => true, () => false)), 10_000);
   }, 120_000);
+
+  it('runs on virtio-serial when asked to', async () => {
+    await ok(['machine', 'set', 'v', 'agent=serial']);
+    expect(JSON.parse(await ok(['machine', 'inspect', 'v', '--json'])).agent).toBe('not connected (virtio-serial)');
+    await ok(['machine', 'start', 'v']);
+    expect(JSON.parse(await ok(['machine', 'inspect', 'v', '--json'])).agent).toBe('connected (virtio-serial)');
+    expect(await ok(['machine', 'exec', 'v', '--', 'sh', '-c', 'cat /proc/$(pidof tender-agent)/cmdline | tr "\\0" " "'])).not.toContain('--vsock');
+    // USB/IP goes over TCP to the gateway then.
+    await importDisk();
+    expect(await tcpToUsbip('v')).toBe(1);
+    await ok(['usb', 'detach', 'v', 'stick']);
+    await ok(['machine', 'stop', 'v']);
+  }, 240_000);
 });

@@ -236,7 +236,7 @@ describe.skipIf(why !== null)('machines, end to end (TCG)', () => {
     await ok(['machine', 'exec', 'a', '--', 'sh', '-c', 'printf tender-was-here | dd of=/dev/sda bs=512 seek=7 conv=notrunc,fsync 2>/dev/null']);
     expect(readFileSync(img).subarray(7 * 512, 7 * 512 + 15).toString()).toBe('tender-was-here');
     const ls = JSON.parse(await ok(['usb', 'ls', '--json']));
-    expect(ls[0]).toMatchObject({ id: 'v1', machine: 'a', state: 'attached' });
+    expect(ls.find((d: { id: string }) => d.id === 'v1')).toMatchObject({ id: 'v1', machine: 'a', state: 'attached' });
     // One machine per device.
     const r = await tender(['usb', 'attach', 'b-does-not-exist', 'stick']);
     expect(r.stderr).toMatch(/^tender: MACHINE_NOT_FOUND: /);
