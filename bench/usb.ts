@@ -7,22 +7,27 @@
  * Workloads:
  *  - control: GET_DESCRIPTOR(device) on endpoint 0, answered by the server itself (no backend):
  *    the cost of one URB through the codec, the attached phase and the socket; 1 and 32 in flight.
- *  - READ(10) through Bulk-Only Transport: per command a 31-byte CBW on bulk OUT, the data IN
- *    (split into URBs of at most 16 KiB, as usb-storage's scatter-gather does), and the CSW IN,
- *    all submitted at once (3+ URBs in flight per command). BOT allows one command at a time per
- *    device, so the parallel rows use several devices, one connection each.
+ *  - READ(10) through Bulk-Only Transport, pipelined: per command a 31-byte CBW on bulk OUT,
+ *    the data IN (split into URBs of at most 16 KiB), and the CSW IN, all submitted at once
+ *    (3+ URBs in flight per command). BOT allows one command at a time per device, so the
+ *    parallel rows use several devices, one connection each.
+ *  - READ(10) / WRITE(10), one phase at a time: CBW, then the data as one URB, then the CSW,
+ *    each submitted when the previous one completed. That is what the kernel's usb-storage does
+ *    on vhci-hcd (it waits for each phase; vhci takes scatter-gather, so the data is one URB),
+ *    and what bench/usb-machine.ts measures through a guest: these rows are its loopback peers.
  *
  *   npm run build:ts && node dist/bench/usb.js [--seconds S] [--image-mib N]
  *
  * The image is a temporary file (page cache: this measures tender, not the disk). The server
- * runs in a child process (`--server`), so server and client each have a core of their own.
+ * runs in a child process (`--server`), so server and client each have a core of their own;
+ * the server's CPU time per URB is read from /proc around every row (bench/proc.ts cpuNs).
  */
 import { fork } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { FileBackend } from '../usb/devices/scsi.js';
 import { CBW_SIGNATURE, EP_IN, EP_OUT, StorageDevice } from '../usb/devices/storage.js';
 import {
@@ -39,6 +44,7 @@ import {
 } from '../usb/protocol.js';
 import { ByteQueue } from '../usb/reader.js';
 import { UsbIpServer } from '../usb/server.js';
+import { cpuNs } from './proc.js';
 
 const NO_SETUP = new Uint8Array(8);
 
@@ -132,15 +138,15 @@ class Client {
   }
 }
 
-function readCbw(tag: number, lba: number, blocks: number): Uint8Array {
+function readCbw(tag: number, lba: number, blocks: number, write = false): Uint8Array {
   const b = new Uint8Array(31);
   const v = new DataView(b.buffer);
   v.setUint32(0, CBW_SIGNATURE, true);
   v.setUint32(4, tag, true);
   v.setUint32(8, blocks * 512, true);
-  b[12] = 0x80;
+  b[12] = write ? 0x00 : 0x80;
   b[14] = 10;
-  b[15] = 0x28; // READ(10)
+  b[15] = write ? 0x2a : 0x28; // WRITE(10) : READ(10)
   v.setUint32(17, lba); // big-endian LBA
   v.setUint16(22, blocks); // big-endian transfer length
   return b;
@@ -188,6 +194,31 @@ async function readLoop(c: Client, bytes: number, blocks: number, until: number)
   return [cmds, urbs];
 }
 
+/**
+ * READ(10) or WRITE(10) commands of `bytes` each, one phase at a time as usb-storage does:
+ * CBW, wait, the data as one URB, wait, CSW, wait. Returns [commands, urbs].
+ */
+async function phasedLoop(c: Client, write: boolean, bytes: number, blocks: number, until: number): Promise<[number, number]> {
+  let cmds = 0;
+  let tag = 1;
+  const per = bytes / 512;
+  const out = new Uint8Array(bytes).fill(0xa5);
+  let lba = 0;
+  while (performance.now() < until) {
+    if (lba + per > blocks) lba = 0;
+    const cbw = await c.submit(EP_OUT & 0x0f, false, 0, NO_SETUP, readCbw(tag, lba, per, write));
+    if (cbw.status !== 0) throw new Error(`CBW: ${cbw.status}`);
+    const data = write ? await c.submit(EP_OUT & 0x0f, false, 0, NO_SETUP, out) : await c.submit(EP_IN & 0x0f, true, bytes);
+    if (data.status !== 0 || (!write && data.data.length !== bytes)) throw new Error(`data phase: status ${data.status}, ${data.data.length} bytes`);
+    const csw = (await c.submit(EP_IN & 0x0f, true, 13)).data;
+    if (csw.length !== 13 || csw[12] !== 0) throw new Error(`${write ? 'WRITE' : 'READ'}(10) failed: CSW ${Buffer.from(csw).toString('hex')}`);
+    cmds++;
+    tag++;
+    lba += per;
+  }
+  return [cmds, cmds * 3];
+}
+
 function arg(name: string, def: number): number {
   const i = process.argv.indexOf(name);
   return i >= 0 ? Number(process.argv[i + 1]) : def;
@@ -205,7 +236,8 @@ async function serve(imageMiB: number): Promise<void> {
   for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
   writeFileSync(img, data);
   for (let i = 1; i <= DEVICES; i++) {
-    const be = await FileBackend.open(img, true);
+    // Read-write for the WRITE(10) row (it writes a pattern over the temporary image).
+    const be = await FileBackend.open(img, false);
     backends.push(be);
     server.add(new StorageDevice(be, { busid: `99-${i}`, busnum: 99, devnum: i }));
   }
@@ -221,9 +253,25 @@ async function serve(imageMiB: number): Promise<void> {
   });
 }
 
-async function main(): Promise<void> {
-  const seconds = arg('--seconds', 3);
-  const imageMiB = arg('--image-mib', 64);
+const size = (bytes: number) => (bytes >= 1 << 20 ? `${bytes >> 20} MiB` : bytes >= 1024 ? `${bytes >> 10} KiB` : `${bytes} B`);
+
+export interface UsbBenchRow {
+  workload: string;
+  urbsPerS: number;
+  commandsPerS: number | null;
+  mbPerS: number | null;
+  /** CPU time of the server process (all its threads) per URB, µs. */
+  serverCpuUsPerUrb: number | null;
+}
+
+export interface LoopbackResult {
+  title: string;
+  rows: UsbBenchRow[];
+}
+
+/** The loopback bench: a server child process, clients here; one row per workload. */
+export async function loopbackBench(o: { seconds: number; imageMiB: number; log?: (s: string) => void }): Promise<LoopbackResult> {
+  const { seconds, imageMiB } = o;
   const child = fork(fileURLToPath(import.meta.url), ['--server', '--image-mib', String(imageMiB)], { stdio: 'inherit' });
   try {
     const port = await new Promise<number>((resolve, reject) => {
@@ -232,44 +280,91 @@ async function main(): Promise<void> {
     });
     const clients = await Promise.all(Array.from({ length: DEVICES }, (_, i) => Client.import(port, `99-${i + 1}`, (99 << 16) | (i + 1))));
     const blocks = (imageMiB * 1024 * 1024) / 512;
-    const rows: string[][] = [];
+    const rows: UsbBenchRow[] = [];
     const ms = seconds * 1000;
+    /** Warm up for 300 ms, then time `f` for `seconds`, with the server's CPU time around it. */
+    const timed = async (f: (until: number) => Promise<[number, number]>) => {
+      await f(performance.now() + 300);
+      const c0 = cpuNs(child.pid!);
+      const t0 = performance.now();
+      const [cmds, urbs] = await f(t0 + ms);
+      const dt = (performance.now() - t0) / 1000;
+      const c1 = cpuNs(child.pid!);
+      return { cmds, urbs, dt, cpuUs: c0 !== null && c1 !== null && urbs ? (c1 - c0) / 1000 / urbs : null };
+    };
 
     for (const inflight of [1, 32]) {
-      await controlLoop(clients[0]!, inflight, performance.now() + 300); // warm-up
-      const t0 = performance.now();
-      const n = await controlLoop(clients[0]!, inflight, t0 + ms);
-      const dt = (performance.now() - t0) / 1000;
-      rows.push([`control GET_DESCRIPTOR, ${inflight} in flight`, `${Math.round(n / dt)}`, '', '']);
+      const r = await timed(async (until) => {
+        const n = await controlLoop(clients[0]!, inflight, until);
+        return [n, n];
+      });
+      rows.push({ workload: `control GET_DESCRIPTOR, ${inflight} in flight`, urbsPerS: r.urbs / r.dt, commandsPerS: null, mbPerS: null, serverCpuUsPerUrb: r.cpuUs });
+      o.log?.(`loopback: ${rows.at(-1)!.workload}`);
     }
     for (const [bytes, devs] of [[4096, 1], [4096, DEVICES], [65536, 1], [65536, DEVICES], [1 << 20, 1]] as const) {
       const use = clients.slice(0, devs);
-      await Promise.all(use.map((c) => readLoop(c, bytes, blocks, performance.now() + 300)));
-      const t0 = performance.now();
-      const rs = await Promise.all(use.map((c) => readLoop(c, bytes, blocks, t0 + ms)));
-      const dt = (performance.now() - t0) / 1000;
-      const cmds = rs.reduce((s, r) => s + r[0], 0);
-      const urbs = rs.reduce((s, r) => s + r[1], 0);
-      rows.push([
-        `READ(10) ${bytes >= 1 << 20 ? `${bytes >> 20} MiB` : `${bytes >> 10} KiB`}, ${devs} device${devs > 1 ? 's' : ''}`,
-        `${Math.round(urbs / dt)}`,
-        `${Math.round(cmds / dt)}`,
-        ((cmds * bytes) / dt / 1e6).toFixed(1),
-      ]);
+      const r = await timed(async (until) => {
+        const rs = await Promise.all(use.map((c) => readLoop(c, bytes, blocks, until)));
+        return [rs.reduce((s, x) => s + x[0], 0), rs.reduce((s, x) => s + x[1], 0)];
+      });
+      rows.push({
+        workload: `READ(10) ${size(bytes)} pipelined, ${devs} device${devs > 1 ? 's' : ''}`,
+        urbsPerS: r.urbs / r.dt,
+        commandsPerS: r.cmds / r.dt,
+        mbPerS: (r.cmds * bytes) / r.dt / 1e6,
+        serverCpuUsPerUrb: r.cpuUs,
+      });
+      o.log?.(`loopback: ${rows.at(-1)!.workload}`);
+    }
+    // The peers of the machine rows: usb-storage's sizes (512 B reads; 120 KiB = its 240-sector
+    // maximum per command at high speed), one phase at a time.
+    for (const [write, bytes] of [[false, 512], [false, 4096], [false, 120 * 1024], [true, 120 * 1024]] as const) {
+      const r = await timed((until) => phasedLoop(clients[0]!, write, bytes, blocks, until));
+      rows.push({
+        workload: `${write ? 'WRITE' : 'READ'}(10) ${size(bytes)}, one phase at a time`,
+        urbsPerS: r.urbs / r.dt,
+        commandsPerS: r.cmds / r.dt,
+        mbPerS: (r.cmds * bytes) / r.dt / 1e6,
+        serverCpuUsPerUrb: r.cpuUs,
+      });
+      o.log?.(`loopback: ${rows.at(-1)!.workload}`);
     }
     for (const c of clients) c.close();
-
-    const head = ['workload', 'URBs/s', 'commands/s', 'MB/s'];
-    const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-    const line = (r: string[]) => '| ' + r.map((c, i) => (i === 0 ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join(' | ') + ' |';
-    console.log(`USB/IP over loopback TCP, server and client in separate processes, virtual storage (${imageMiB} MiB image in page cache), ${seconds} s per row, node ${process.version}`);
-    console.log(line(head));
-    console.log('|' + w.map((n, i) => (i === 0 ? '-'.repeat(n + 2) : '-'.repeat(n + 1) + ':')).join('|') + '|');
-    for (const r of rows) console.log(line(r));
+    return {
+      title: `USB/IP over loopback TCP, server and client in separate processes, virtual storage (${imageMiB} MiB image in page cache), ${seconds} s per row, node ${process.version}`,
+      rows,
+    };
   } finally {
     child.disconnect();
   }
 }
 
-if (process.argv.includes('--server')) await serve(arg('--image-mib', 64));
-else await main();
+/** A markdown table: the first `left` columns left-aligned (labels), the others right-aligned (numbers). */
+export function markdownTable(head: string[], rows: string[][], left = 1): string {
+  const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (r: string[]) => '| ' + r.map((c, i) => (i < left ? c.padEnd(w[i]!) : c.padStart(w[i]!))).join(' | ') + ' |';
+  return [line(head), '|' + w.map((n, i) => (i < left ? '-'.repeat(n + 2) : '-'.repeat(n + 1) + ':')).join('|') + '|', ...rows.map(line)].join('\n');
+}
+
+/** Rounded for reading: 3 significant digits, thin groups of thousands. */
+export function fmt(n: number | null, digits = 3): string {
+  if (n === null || !Number.isFinite(n)) return '';
+  const r = Number(n.toPrecision(digits));
+  return r >= 1000 ? Math.round(r).toLocaleString('en-US').replace(/,/g, ' ') : String(r);
+}
+
+async function main(): Promise<void> {
+  const r = await loopbackBench({ seconds: arg('--seconds', 3), imageMiB: arg('--image-mib', 64) });
+  console.log(r.title);
+  console.log(
+    markdownTable(
+      ['workload', 'URBs/s', 'commands/s', 'MB/s', 'server CPU µs/URB'],
+      r.rows.map((x) => [x.workload, fmt(x.urbsPerS), fmt(x.commandsPerS), fmt(x.mbPerS), fmt(x.serverCpuUsPerUrb, 2)]),
+    ),
+  );
+}
+
+// Run only as a program (`node dist/bench/usb.js`, or forked as the server); bench/usb-machine.ts imports it.
+const isMain = process.argv[1] !== undefined && import.meta.url === pathToFileURL(process.argv[1]).href;
+if (isMain && process.argv.includes('--server')) await serve(arg('--image-mib', 64));
+else if (isMain) await main();
