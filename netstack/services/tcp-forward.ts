@@ -36,7 +36,7 @@ export class TcpForward {
   constructor(private readonly o: TcpForwardOptions) {}
 
   async start(): Promise<number> {
-    const server = net.createServer({ pauseOnConnect: true, noDelay: true }, (s) => this.accept(s));
+    const server = net.createServer({ pauseOnConnect: true, noDelay: true, allowHalfOpen: true }, (s) => this.accept(s));
     this.server = server;
     server.maxConnections = this.o.maxConnections ?? 4096;
     await new Promise<void>((resolve, reject) => {

@@ -90,7 +90,7 @@ export class TcpNat {
     this.pending.set(guest, n + 1);
     c.inc('tcp_nat.dial');
     const reader = new HostReader();
-    const sock = this.o.dial ? this.o.dial(host, t.localPort) : net.connect({ host, port: t.localPort, noDelay: true, onread: reader.option() });
+    const sock = this.o.dial ? this.o.dial(host, t.localPort) : net.connect({ host, port: t.localPort, noDelay: true, allowHalfOpen: true, onread: reader.option() });
     let settled = false;
     const settle = () => {
       if (settled) return false;

@@ -116,6 +116,25 @@ describe.skipIf(!canRun)('TCP NAT, port forwarding and the API, end to end', () 
     srv.close();
   });
 
+  it('keeps carrying the guest\'s bytes after the host peer closed its side first', async () => {
+    // The host server says its piece and sends FIN at once, then keeps reading: the guest's
+    // answer, written after that FIN, must still reach it (a half-open connection).
+    let got!: (s: string) => void;
+    const received = new Promise<string>((r) => (got = r));
+    const srv = net.createServer({ allowHalfOpen: true }, (s) => {
+      s.end('bye first');
+      const chunks: Buffer[] = [];
+      s.on('data', (c) => chunks.push(c));
+      s.on('end', () => got(Buffer.concat(chunks).toString()));
+    });
+    await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+    const p = (srv.address() as net.AddressInfo).port;
+    const js = `const s=require('net').connect({port:${p},host:'192.168.127.254',allowHalfOpen:true});let o='';s.on('data',d=>o+=d);s.on('end',()=>{setTimeout(()=>s.end('late answer to '+o),100)});s.on('close',()=>process.exit(0));`;
+    await nsExec(ns, [process.execPath, '-e', js]);
+    expect(await received).toBe('late answer to bye first');
+    srv.close();
+  });
+
   it('handles hundreds of concurrent connections', async () => {
     const srv = net.createServer((s) => s.pipe(s));
     await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
@@ -159,6 +178,24 @@ s.on('end',()=>{if(got===payload.length)ok++;if(--n===0||ok===300){process.stdou
       s.on('error', reject);
     });
     expect(got).toBe('from guest to 192.168.127.254');
+    await nsExec(ns, ['pkill', '-f', 'listen\\(8080']).catch(() => {});
+    await guest;
+  });
+
+  it('forwards a half-close from the host client and still delivers the guest\'s reply', async () => {
+    // As `nc -N` or an HTTP/1.0 client does: send the request, shut down writing, read the reply.
+    const tcpFwd = served.forwards.find((f) => f.protocol === 'tcp')!;
+    const js = `require('net').createServer({allowHalfOpen:true},s=>{let n=0;s.on('data',d=>n+=d.length);s.on('end',()=>s.end('read '+n+' bytes'))}).listen(8080,()=>console.log('listening'))`;
+    const guest = run('ip', ['netns', 'exec', ns, process.execPath, '-e', js]).catch(() => null);
+    await waitFor(async () => (await nsExec(ns, ['ss', '-ltn'])).includes(':8080'), 10_000);
+    const got = await new Promise<string>((resolve, reject) => {
+      const s = net.connect({ port: tcpFwd.hostPort, host: '127.0.0.1', allowHalfOpen: true }, () => s.end(Buffer.alloc(5000, 1)));
+      let o = '';
+      s.on('data', (d) => (o += d));
+      s.on('end', () => resolve(o));
+      s.on('error', reject);
+    });
+    expect(got).toBe('read 5000 bytes');
     await nsExec(ns, ['pkill', '-f', 'listen\\(8080']).catch(() => {});
     await guest;
   });
