@@ -68,8 +68,20 @@ export function parseExecHeader(h: string | string[] | undefined): ExecRequest {
 
 /** Run the command through the agent and bridge it to the upgraded connection. */
 export function serveExec(sock: Duplex, agent: DaemonAgentSession, req: ExecRequest): void {
-  const h = agent.exec(req.argv, { tty: req.tty, rows: req.rows, cols: req.cols, env: req.env, cwd: req.cwd });
   const send = (type: number, payload?: Uint8Array) => (sock.destroyed || !sock.writable ? true : sock.write(frame(type, payload)));
+  const fail = (err: { code?: string; message: string }) => {
+    send(F.ERROR, Buffer.from(JSON.stringify({ code: err.code === 'EXEC_FAILED' ? 'EXEC_FAILED' : 'AGENT_GONE', message: err.message })));
+    sock.end();
+  };
+  // The 101 is already out: from here on every failure is an ERROR frame, never an HTTP reply
+  // (the client parses frames now, and would only see the connection end).
+  let h: ReturnType<DaemonAgentSession['exec']>;
+  try {
+    h = agent.exec(req.argv, { tty: req.tty, rows: req.rows, cols: req.cols, env: req.env, cwd: req.cwd });
+  } catch (err) {
+    fail(err as Error & { code?: string });
+    return;
+  }
   const pipeOut = (r: NodeJS.ReadableStream, type: number) => {
     r.on('data', (d: Buffer) => {
       if (!send(type, d)) {
@@ -118,10 +130,7 @@ export function serveExec(sock: Duplex, agent: DaemonAgentSession, req: ExecRequ
       send(F.EXIT, Buffer.from(JSON.stringify(st)));
       sock.end();
     },
-    (err: { code?: string; message: string }) => {
-      send(F.ERROR, Buffer.from(JSON.stringify({ code: err.code === 'EXEC_FAILED' ? 'EXEC_FAILED' : 'AGENT_GONE', message: err.message })));
-      sock.end();
-    },
+    fail,
   );
 }
 
