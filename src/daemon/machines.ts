@@ -31,6 +31,7 @@ import { readJson, writeFileAtomic } from './atomic.js';
 import type { EventBus } from './events.js';
 import { type MachineConfig, type MachineRuntime, type NetMode, applySetting, formatNet, newMac, validateName } from './machine-config.js';
 import { type Paths, machineDir } from './paths.js';
+import { USBIP_VSOCK_PORT } from './usb-vsock.js';
 
 /** What the daemon needs from a guest agent connection (src/agent implements it). */
 export interface AgentSession {
@@ -152,11 +153,12 @@ export const AGENT_VSOCK_PORT = 1024;
  * re-adopted machine keeps the channel it booted with whatever the config or host say now.
  * "vsock" is what daemons before vsock-by-default recorded (the driver chose the path).
  */
-type ChannelRecord = 'virtio-serial' | 'vsock-host' | 'vsock-vhost-user';
+type ChannelRecord = 'virtio-serial' | 'vsock-host' | 'vsock-vhost-user' | 'vsock-vmm';
 
 function channelText(c: ChannelRecord): string {
   if (c === 'vsock-host') return "vsock via the host's vhost-vsock";
   if (c === 'vsock-vhost-user') return "vsock via tender's vhost-user backend";
+  if (c === 'vsock-vmm') return "vsock (the VMM's own)";
   return 'virtio-serial';
 }
 
@@ -362,26 +364,41 @@ export class MachineManager {
    */
   private chooseChannel(cfg: MachineConfig): { channel: ChannelRecord; warning?: string } {
     if (cfg.agent === 'serial') return { channel: 'virtio-serial' };
-    const v = (this.o.vsock ?? chooseVsock)();
+    const v = this.vsockChoice();
     if (v.via === null) return { channel: 'virtio-serial', warning: `vsock unavailable (${v.why}): the agent uses virtio-serial` };
-    return { channel: v.via === 'host' ? 'vsock-host' : 'vsock-vhost-user' };
+    return { channel: `vsock-${v.via}` };
+  }
+
+  /** Which vsock the next start gets: injected (tests), else the driver's answer. */
+  private vsockChoice(): VsockChoice {
+    return (this.o.vsock ?? (() => this.o.driver.vsock?.() ?? chooseVsock()))();
   }
 
   /** The recorded channel of a machine started by this or an earlier daemon. */
   private recordedChannel(rt: MachineRuntime): ChannelRecord {
     const c = rt.agentChannel;
-    if (c === 'vsock-host' || c === 'vsock-vhost-user' || c === 'virtio-serial') return c;
-    if (c === 'vsock') return (this.o.vsock ?? chooseVsock)().via === 'host' ? 'vsock-host' : 'vsock-vhost-user';
+    if (c === 'vsock-host' || c === 'vsock-vhost-user' || c === 'vsock-vmm' || c === 'virtio-serial') return c;
+    if (c === 'vsock') {
+      const via = this.vsockChoice().via;
+      return via === 'host' ? 'vsock-host' : via === 'vmm' ? 'vsock-vmm' : 'vsock-vhost-user';
+    }
     return 'virtio-serial';
   }
 
   private agentSpec(dir: string, channel: ChannelRecord): AgentChannel {
     if (!this.o.connectAgent) return { kind: 'none' };
     if (channel === 'virtio-serial') return { kind: 'virtio-serial', path: join(dir, 'agent.sock') };
-    const via: VsockVia = channel === 'vsock-host' ? 'host' : 'vhost-user';
-    // vhost-user: one backend per machine, so the CID only has to be unique inside it. The
-    // host kernel's CIDs are host-wide: one per machine directory.
-    return { kind: 'vsock', via, cid: via === 'host' ? hostCid(dir) : 3, port: AGENT_VSOCK_PORT, path: join(dir, 'vsock') };
+    const via = channel.slice('vsock-'.length) as VsockVia;
+    // vhost-user and vmm: one device per machine, so the CID only has to be unique inside it.
+    // The host kernel's CIDs are host-wide: one per machine directory.
+    return {
+      kind: 'vsock',
+      via,
+      cid: via === 'host' ? hostCid(dir) : 3,
+      port: AGENT_VSOCK_PORT,
+      path: join(dir, 'vsock'),
+      hostPorts: [AGENT_VSOCK_PORT, USBIP_VSOCK_PORT],
+    };
   }
 
   /** What inspect shows: the channel running now, else the one the next start would use. */

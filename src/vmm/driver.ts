@@ -5,7 +5,7 @@
  * the agent channel and state live outside it.
  */
 
-import type { VsockVia } from './vsock-channel.js';
+import type { VsockChoice, VsockVia } from './vsock-channel.js';
 
 export type Accel = 'auto' | 'kvm' | 'tcg' | 'hvf';
 
@@ -30,10 +30,12 @@ export type AgentChannel =
    * vsock; the agent connects to host port `port`. QEMU: `via` 'host' is vhost-vsock-device
    * with guest-cid `cid` (the host's /dev/vhost-vsock; the host side is AF_VSOCK); 'vhost-user'
    * is tender's backend, whose host side is Firecracker-style unix sockets at `<path>_<port>`
-   * (docs/vsock.md); unset: the driver checks /dev/vhost-vsock itself. vfkit: `path` is its
-   * per-port unix socket.
+   * (docs/vsock.md); unset: the driver checks /dev/vhost-vsock itself. vfkit ('vmm'): each port
+   * of `hostPorts` (default: `port`) is its own device entry whose unix socket is `<path>_<P>`.
+   * `hostPorts`: every port on which the host takes the guest's connections (the agent's,
+   * USB/IP's), for VMMs that must be told each one.
    */
-  | { kind: 'vsock'; cid: number; port: number; path: string; via?: VsockVia }
+  | { kind: 'vsock'; cid: number; port: number; path: string; via?: VsockVia; hostPorts?: number[] }
   | { kind: 'none' };
 
 export interface MachineSpec {
@@ -83,4 +85,6 @@ export interface VmmDriver {
   start(spec: MachineSpec): Promise<VmmInstance>;
   /** Re-attach to a VMM started by an earlier daemon (pid from the state file), or null if it is gone. */
   adopt(spec: MachineSpec, pid: number): Promise<VmmInstance | null>;
+  /** Which vsock this VMM offers on this host, checked at each start (vsock-channel.ts). */
+  vsock?(): VsockChoice;
 }

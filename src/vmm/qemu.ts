@@ -24,7 +24,7 @@ import { fileSize, isOurProcess, killAfter, pollUntilGone, readTail } from './pr
 import { QmpClient, type QmpEvent } from './qmp.js';
 import { hostTscKhz } from './tsc.js';
 import { findVhostVsock, withVhostUserVsock } from './vhost-vsock.js';
-import { hostVhostVsockUsable } from './vsock-channel.js';
+import { type VsockChoice, chooseVsock, hostVhostVsockUsable } from './vsock-channel.js';
 
 export function vhostUserSocket(spec: MachineSpec): string {
   return path.join(spec.dir, 'vhost-user-vsock.sock');
@@ -208,6 +208,11 @@ export class QemuDriver implements VmmDriver {
       return { cmd: this.qemu, args: withVhostUserVsock(args, { socket: vhostUserSocket(spec), memoryMiB: spec.memoryMiB }) };
     }
     return { cmd: this.qemu, args };
+  }
+
+  /** The host's vhost-vsock, else tender's vhost-user backend, else none. */
+  vsock(): VsockChoice {
+    return chooseVsock(this.o.hostVhostVsock !== undefined ? { host: this.o.hostVhostVsock } : {});
   }
 
   /** vsock without the host's vhost-vsock (or asked for explicitly): tender's vhost-user backend. */

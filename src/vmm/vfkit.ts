@@ -9,10 +9,12 @@
  * - net `dgram` → `--device virtio-net,unixSocketPath=<remotePath>,mac=M`: vfkit binds a socket
  *   of its own next to tender's and sends "VFKT" first (DatagramLink.listen handles both);
  *   `localPath` is vfkit's business and not passed. vfkit has no stream transport.
- * - agent `vsock` → `--device virtio-vsock,port=P,socketURL=PATH,listen`: the guest agent
- *   connects out to CID 2 port P, and vfkit connects to tender's unix listener at PATH for
- *   each such connection (a plain byte stream, no handshake). vfkit has no virtio-serial port
- *   for programs, so agent `virtio-serial` is refused.
+ * - agent `vsock` → `--device virtio-vsock,port=P,socketURL=PATH_P,listen` for each port the
+ *   host serves (the agent's 1024, USB/IP's 3240): the guest connects out to CID 2 port P, and
+ *   vfkit connects to tender's unix listener at PATH_P for each such connection (a plain byte
+ *   stream, no handshake) — the hybrid-vsock layout of Firecracker and of tender's vhost-user
+ *   backend, so the daemon serves all of them the same way. vfkit has no virtio-serial port for
+ *   programs, so agent `virtio-serial` is refused.
  * - serial log → `--device virtio-serial,logFilePath=LOG`; control → `--restful-uri unix://SOCK`.
  * - disk → `--device virtio-blk,path=F` (raw only: the framework has no qcow2).
  * Stop: REST `Stop` (a power-button press the guest handles), then `HardStop`, then SIGKILL.
@@ -25,6 +27,7 @@ import { lastLine } from './exit-reason.js';
 import { diskFormat } from './qemu-args.js';
 import { fileSize, isOurProcess, killAfter, pollUntilGone, readTail } from './process.js';
 import { VfkitRest, restfulUri } from './vfkit-rest.js';
+import type { VsockChoice } from './vsock-channel.js';
 
 export class VfkitSpecError extends Error {
   readonly code = 'BAD_ARGUMENT' as const;
@@ -70,7 +73,13 @@ export function vfkitArgs(spec: MachineSpec, accel: Exclude<Accel, 'auto'>): str
 
   const agent = spec.agent;
   if (agent.kind === 'virtio-serial') throw new VfkitSpecError('vfkit has no virtio-serial port for the agent: use a vsock agent channel');
-  if (agent.kind === 'vsock') args.push('--device', `virtio-vsock,port=${agent.port},socketURL=${noComma('socket path', agent.path)},listen`);
+  if (agent.kind === 'vsock') {
+    // One entry per port the host serves (the agent's, USB/IP's), each at <path>_<port>: the
+    // same hybrid-vsock layout as Firecracker's and tender's vhost-user backend.
+    for (const port of agent.hostPorts ?? [agent.port]) {
+      args.push('--device', `virtio-vsock,port=${port},socketURL=${noComma('socket path', `${agent.path}_${port}`)},listen`);
+    }
+  }
 
   args.push('--device', `virtio-serial,logFilePath=${noComma('log path', spec.serialLog)}`);
   if (spec.disk) {
@@ -164,6 +173,11 @@ export class VfkitDriver implements VmmDriver {
 
   commandLine(spec: MachineSpec, accel: Exclude<Accel, 'auto'>): { cmd: string; args: string[] } {
     return { cmd: this.vfkit, args: vfkitArgs(spec, accel) };
+  }
+
+  /** vfkit always has vsock of its own (VZVirtioSocketDevice), with per-port unix sockets. */
+  vsock(): VsockChoice {
+    return { via: 'vmm' };
   }
 
   /** The Virtualization framework is the only accelerator vfkit has; there is nothing to probe. */

@@ -10,7 +10,9 @@
  * - `vhost-user`: tender's own backend (native/vhost-vsock). The host side is Firecracker's
  *   hybrid vsock: the guest's connections to port P arrive at the unix listener `<base>_P`.
  *
- * Neither: the machine's agent falls back to virtio-serial (machines.ts says so in inspect).
+ * - `vmm`: the VMM's own hybrid vsock (vfkit): the same `<base>_P` listeners.
+ *
+ * None: the machine's agent falls back to virtio-serial (machines.ts says so in inspect).
  */
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -19,7 +21,12 @@ import type { Duplex } from 'node:stream';
 import { vsockListen } from '../../native/index.js';
 import { findVhostVsock } from './vhost-vsock.js';
 
-export type VsockVia = 'host' | 'vhost-user';
+/**
+ * 'vmm': the VMM has vsock of its own with per-port unix sockets on the host (vfkit's
+ * `virtio-vsock,port=P,socketURL=<base>_P,listen`; Firecracker's and cloud-hypervisor's hybrid
+ * vsock): the daemon's side looks exactly like the vhost-user path.
+ */
+export type VsockVia = 'host' | 'vhost-user' | 'vmm';
 
 /** Whether the host kernel's vhost-vsock can be used (QEMU's vhost-vsock-device opens it). */
 export function hostVhostVsockUsable(): boolean {
@@ -60,7 +67,7 @@ export interface GuestVsockEndpoint {
   via: VsockVia;
   /** The guest's CID (the host path tells machines apart by it). */
   cid: number;
-  /** Hybrid vsock base: connections to port P arrive at `<path>_P` (vhost-user path). */
+  /** Hybrid vsock base: connections to port P arrive at `<path>_P` (vhost-user and vmm paths). */
   path: string;
 }
 

@@ -40,6 +40,7 @@ function instance(pid: number): VmmInstance {
 class FakeDriver implements VmmDriver {
   readonly name = 'fake';
   specs: MachineSpec[] = [];
+  vsock?: () => VsockChoice;
   commandLine() {
     return { cmd: 'sleep', args: [] };
   }
@@ -74,7 +75,7 @@ describe('the agent channel of a machine', () => {
   let home: string;
   let network: Network;
   let driver: FakeDriver;
-  let vsock: VsockChoice;
+  let vsock: VsockChoice | undefined;
   let mms: MachineManager[];
   const sessions: string[] = [];
 
@@ -88,7 +89,7 @@ describe('the agent channel of a machine', () => {
       log,
       connectAgent: (p) => (sessions.push(`serial ${p}`), fakeSession()),
       listenAgent: (ep, port) => (sessions.push(`vsock ${ep.via} ${ep.cid} ${ep.path}_${port}`), fakeSession()),
-      vsock: () => vsock,
+      vsock: vsock === undefined ? undefined : () => vsock!,
     });
     mms.push(mm);
     return mm;
@@ -120,7 +121,7 @@ describe('the agent channel of a machine', () => {
     expect(mm.inspect('a').agent).toBe("not connected (vsock via tender's vhost-user backend)");
     await mm.start('a', { wait: false });
     const dir = join(home, 'machines', 'a');
-    expect(driver.specs[0]!.agent).toEqual({ kind: 'vsock', via: 'vhost-user', cid: 3, port: 1024, path: join(dir, 'vsock') });
+    expect(driver.specs[0]!.agent).toEqual({ kind: 'vsock', via: 'vhost-user', cid: 3, port: 1024, path: join(dir, 'vsock'), hostPorts: [1024, 3240] });
     expect(sessions).toEqual([`vsock vhost-user 3 ${dir}/vsock_1024`]);
     expect(state('a').agentChannel).toBe('vsock-vhost-user');
     expect(mm.inspect('a').agent).toBe("connecting (vsock via tender's vhost-user backend)");
@@ -136,6 +137,21 @@ describe('the agent channel of a machine', () => {
     const dir = join(home, 'machines', 'h');
     expect(driver.specs[0]!.agent).toMatchObject({ kind: 'vsock', via: 'host', cid: hostCid(dir) });
     expect(mm.inspect('h').agent).toBe("connecting (vsock via the host's vhost-vsock)");
+  });
+
+  it("asks the driver when nothing is injected: a VMM with vsock of its own (vfkit) gets per-port sockets", async () => {
+    vsock = undefined;
+    driver.vsock = () => ({ via: 'vmm' });
+    const mm = manager();
+    await mm.load();
+    mm.create({ name: 'v' });
+    await mm.start('v', { wait: false });
+    const dir = join(home, 'machines', 'v');
+    expect(driver.specs[0]!.agent).toEqual({ kind: 'vsock', via: 'vmm', cid: 3, port: 1024, path: join(dir, 'vsock'), hostPorts: [1024, 3240] });
+    expect(sessions).toEqual([`vsock vmm 3 ${dir}/vsock_1024`]);
+    expect(state('v').agentChannel).toBe('vsock-vmm');
+    expect(mm.inspect('v').agent).toBe("connecting (vsock (the VMM's own))");
+    expect(mm.vsockEndpoint('v')).toEqual({ via: 'vmm', cid: 3, path: join(dir, 'vsock') });
   });
 
   it('falls back to virtio-serial with a warning when no vsock path can work', async () => {

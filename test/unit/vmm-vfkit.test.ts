@@ -28,7 +28,7 @@ function spec(over: Partial<MachineSpec> = {}): MachineSpec {
     cmdline: ['quiet', 'tender.hostname=dev'],
     accel: 'auto',
     net: { kind: 'dgram', mac: '52:54:00:aa:bb:cc', localPath: '/Users/u/.tender/m/dev/net.vm', remotePath: '/Users/u/.tender/m/dev/net.sock' },
-    agent: { kind: 'vsock', cid: 3, port: 1024, path: '/Users/u/.tender/m/dev/agent.sock' },
+    agent: { kind: 'vsock', via: 'vmm', cid: 3, port: 1024, path: '/Users/u/.tender/m/dev/vsock', hostPorts: [1024, 3240] },
     serialLog: '/Users/u/.tender/m/dev/serial.log',
     controlSocket: '/Users/u/.tender/m/dev/vfkit.sock',
     ...over,
@@ -40,6 +40,8 @@ const driver = new VfkitDriver();
 describe('vfkit command line', () => {
   test('default image: unixgram network, vsock agent, serial log, REST on a unix socket', async () => {
     expect(await driver.resolveAccel(spec())).toEqual({ accel: 'hvf' });
+    // vfkit's vsock is its own: no host module, no backend process.
+    expect(driver.vsock()).toEqual({ via: 'vmm' });
     const { cmd, args } = driver.commandLine(spec(), 'hvf');
     expect(cmd).toBe('vfkit');
     expect(args).toEqual([
@@ -48,7 +50,9 @@ describe('vfkit command line', () => {
       '--bootloader',
       'linux,kernel=/Users/u/.tender/images/default/Image,initrd=/Users/u/.tender/images/default/initramfs.cpio.gz,cmdline="console=hvc0 tender.agent=vsock:1024 quiet tender.hostname=dev"',
       '--device', 'virtio-net,unixSocketPath=/Users/u/.tender/m/dev/net.sock,mac=52:54:00:aa:bb:cc',
-      '--device', 'virtio-vsock,port=1024,socketURL=/Users/u/.tender/m/dev/agent.sock,listen',
+      // One entry per port the host serves (agent, USB/IP), at <base>_<port> as Firecracker's.
+      '--device', 'virtio-vsock,port=1024,socketURL=/Users/u/.tender/m/dev/vsock_1024,listen',
+      '--device', 'virtio-vsock,port=3240,socketURL=/Users/u/.tender/m/dev/vsock_3240,listen',
       '--device', 'virtio-serial,logFilePath=/Users/u/.tender/m/dev/serial.log',
       '--restful-uri', 'unix:///Users/u/.tender/m/dev/vfkit.sock',
     ]);
@@ -175,7 +179,7 @@ describe('vfkit process handling (stand-in vfkit: the real one needs macOS)', ()
   const bin = fakeVfkit();
   const machine = (name: string): MachineSpec => {
     const dir = path.join(tmp, name);
-    return spec({ dir, serialLog: path.join(dir, 'serial.log'), controlSocket: path.join(dir, 'vfkit.sock'), agent: { kind: 'vsock', cid: 3, port: 1024, path: path.join(dir, 'agent.sock') } });
+    return spec({ dir, serialLog: path.join(dir, 'serial.log'), controlSocket: path.join(dir, 'vfkit.sock'), agent: { kind: 'vsock', via: 'vmm', cid: 3, port: 1024, path: path.join(dir, 'vsock') } });
   };
 
   test('start waits for REST; shutdown asks Stop and the VM powers off', async () => {
