@@ -7,25 +7,15 @@
  * with udhcpc as a distribution's init would, and a marker file. What a guest writes to the
  * disk survives a stop and a start.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildDefaultImage } from '../../src/image/default-image.js';
 import { UDHCPC_SCRIPT } from '../../src/image/init-script.js';
-import { hasCommand, isRoot, run, waitFor } from '../helpers/netns.js';
+import { cliDaemon, guestSkipReason, prepareHome, tenderCli } from '../helpers/cli.js';
+import { hasCommand, run } from '../helpers/netns.js';
 
-const root = new URL('../..', import.meta.url).pathname;
-const cli = join(root, 'dist/src/cli.js');
-const IMAGE_HOME = process.env.TENDER_TEST_IMAGE_HOME || '/var/tmp/tender-test-image';
-
-let why: string | null = null;
-if (!isRoot) why = 'needs root';
-else if (!(await hasCommand('qemu-system-x86_64'))) why = 'qemu-system-x86_64 missing';
-else if (!(await hasCommand('mkfs.ext4'))) why = 'mkfs.ext4 missing (e2fsprogs)';
-else if (!existsSync(join(root, 'build/agent/tender-agent'))) why = 'the guest agent is not built (npm ci builds it)';
-if (why && process.env.TENDER_TEST_REQUIRE_GUEST === '1') throw new Error(`TENDER_TEST_REQUIRE_GUEST=1 but: ${why}`);
+const why = await guestSkipReason(async () => ((await hasCommand('mkfs.ext4')) ? null : 'mkfs.ext4 missing (e2fsprogs)'));
 
 /** The disk's init: what a distribution's init does, reduced to what the test needs. */
 const DISK_INIT = `#!/bin/busybox sh
@@ -43,37 +33,17 @@ describe.skipIf(why !== null)('a machine booted from a root disk (TCG)', () => {
   const home = mkdtempSync(join(tmpdir(), 'tender-home-'));
   const env = { ...process.env, TENDER_HOME: home, TENDER_LOG: 'warn' };
   const disk = join(home, 'root.ext4');
-  let daemon: ChildProcess | null = null;
-
-  const tender = (args: string[], timeout = 180_000) =>
-    new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      const p = spawn(process.execPath, [cli, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      let stderr = '';
-      p.stdout.on('data', (d) => (stdout += d));
-      p.stderr.on('data', (d) => (stderr += d));
-      const t = setTimeout(() => p.kill(), timeout);
-      p.on('close', (code) => {
-        clearTimeout(t);
-        resolve({ code: code ?? -1, stdout, stderr });
-      });
-    });
-  const ok = async (args: string[]) => {
-    const r = await tender(args);
-    if (r.code !== 0) throw new Error(`tender ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
-    return r.stdout;
-  };
+  const { tender, ok } = tenderCli(env);
+  const daemon = cliDaemon(env);
 
   beforeAll(async () => {
-    if (!existsSync(cli)) await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: root });
-    const img = await buildDefaultImage({ home: IMAGE_HOME });
-    await run('mkdir', ['-p', join(home, 'images')]);
-    await run('cp', ['-a', img.dir, join(home, 'images', 'default')]);
+    await prepareHome(home);
+    const img = join(home, 'images', 'default');
     // The disk's content: busybox from the default image's initramfs, our init, a marker.
     const tree = join(home, 'tree');
     const x = join(home, 'x');
     mkdirSync(x);
-    await run('sh', ['-c', `zcat '${join(img.dir, 'initramfs.cpio.gz')}' | cpio -id --quiet bin/busybox`], { cwd: x });
+    await run('sh', ['-c', `zcat '${join(img, 'initramfs.cpio.gz')}' | cpio -id --quiet bin/busybox`], { cwd: x });
     for (const d of ['bin', 'sbin', 'etc', 'dev', 'proc', 'sys', 'run', 'tmp', 'root']) mkdirSync(join(tree, d), { recursive: true });
     copyFileSync(join(x, 'bin/busybox'), join(tree, 'bin/busybox'));
     chmodSync(join(tree, 'bin/busybox'), 0o755);
@@ -81,18 +51,12 @@ describe.skipIf(why !== null)('a machine booted from a root disk (TCG)', () => {
     writeFileSync(join(tree, 'etc/udhcpc.script'), UDHCPC_SCRIPT, { mode: 0o755 });
     writeFileSync(join(tree, 'etc/marker'), 'root from the disk\n');
     await run('mkfs.ext4', ['-q', '-F', '-L', 'tender-root', '-d', tree, disk, '64M']);
-    daemon = spawn(process.execPath, [cli, 'daemon', '--log-level', 'warn'], { env, stdio: ['ignore', 'ignore', 'inherit'] });
-    await waitFor(() => existsSync(join(home, 'tender.sock')), 15_000);
+    await daemon.start();
   }, 300_000);
 
   afterAll(async () => {
     await tender(['machine', 'rm', '--force', 'd']).catch(() => {});
-    if (daemon) {
-      const d = daemon;
-      const closed = new Promise((r) => d.on('close', r));
-      d.kill('SIGTERM');
-      await closed;
-    }
+    await daemon.stop();
     rmSync(home, { recursive: true, force: true });
   }, 120_000);
 

@@ -8,65 +8,29 @@
  * stop; `machine set agent=serial` switches the next start to virtio-serial, where the same
  * disk is imported over TCP through the userspace network.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildDefaultImage } from '../../src/image/default-image.js';
+import { cliDaemon, guestSkipReason, prepareHome, tenderCli } from '../helpers/cli.js';
 import { findVhostVsock } from '../../src/vmm/vhost-vsock.js';
-import { hasCommand, isRoot, run, waitFor } from '../helpers/netns.js';
+import { run, waitFor } from '../helpers/netns.js';
 
-const root = new URL('../..', import.meta.url).pathname;
-const cli = join(root, 'dist/src/cli.js');
-const IMAGE_HOME = process.env.TENDER_TEST_IMAGE_HOME || '/var/tmp/tender-test-image';
-
-let why: string | null = null;
-if (!isRoot) why = 'needs root';
-else if (!(await hasCommand('qemu-system-x86_64'))) why = 'qemu-system-x86_64 missing';
-else if (!existsSync(join(root, 'build/agent/tender-agent'))) why = 'the guest agent is not built';
-else if (!findVhostVsock()) why = 'tender-vhost-vsock is not built (npm ci builds it)';
-if (why && process.env.TENDER_TEST_REQUIRE_GUEST === '1') throw new Error(`TENDER_TEST_REQUIRE_GUEST=1 but: ${why}`);
+const why = await guestSkipReason(() => (findVhostVsock() ? null : 'tender-vhost-vsock is not built (npm ci builds it)'));
 const hostVsock = existsSync('/dev/vhost-vsock');
 
 describe.skipIf(why !== null)('a machine with its agent on vsock (vhost-user backend)', () => {
   const home = mkdtempSync(join(tmpdir(), 'tender-vsock-home-'));
   const env = { ...process.env, TENDER_HOME: home, TENDER_LOG: 'warn' };
-  let daemon: ChildProcess | null = null;
 
-  const tender = (args: string[]) =>
-    new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      const p = spawn(process.execPath, [cli, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      let stderr = '';
-      p.stdout.on('data', (d) => (stdout += d));
-      p.stderr.on('data', (d) => (stderr += d));
-      p.on('close', (code) => resolve({ code: code ?? -1, stdout, stderr }));
-    });
-  const ok = async (args: string[]) => {
-    const r = await tender(args);
-    if (r.code !== 0) throw new Error(`tender ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
-    return r.stdout;
-  };
-  const startDaemon = async () => {
-    daemon = spawn(process.execPath, [cli, 'daemon', '--log-level', 'warn'], { env, stdio: ['ignore', 'ignore', 'inherit'] });
-    await waitFor(() => existsSync(join(home, 'tender.sock')), 15_000);
-  };
-  const stopDaemon = async () => {
-    const d = daemon;
-    daemon = null;
-    if (!d) return;
-    const closed = new Promise((r) => d.on('close', r));
-    d.kill('SIGTERM');
-    await closed;
-  };
+  const { tender, ok } = tenderCli(env);
+  const daemon = cliDaemon(env);
+  const startDaemon = daemon.start;
+  const stopDaemon = daemon.stop;
 
   beforeAll(async () => {
-    if (!existsSync(cli)) await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: root });
-    const img = await buildDefaultImage({ home: IMAGE_HOME });
-    await run('mkdir', ['-p', join(home, 'images')]);
-    await run('cp', ['-a', img.dir, join(home, 'images', 'default')]);
+    await prepareHome(home);
     await startDaemon();
   }, 300_000);
 

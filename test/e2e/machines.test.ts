@@ -16,23 +16,14 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { buildDefaultImage } from '../../src/image/default-image.js';
-import { addNetns, delNetns, hasCommand, isRoot, nsExec, nsName, run, waitFor } from '../helpers/netns.js';
+import { cliDaemon, guestSkipReason, prepareHome, tenderCli } from '../helpers/cli.js';
+import { addNetns, delNetns, nsExec, nsName, run, waitFor } from '../helpers/netns.js';
 
-const root = new URL('../..', import.meta.url).pathname;
-const cli = join(root, 'dist/src/cli.js');
-const IMAGE_HOME = process.env.TENDER_TEST_IMAGE_HOME || '/var/tmp/tender-test-image';
-
-let why: string | null = null;
-if (!isRoot) why = 'needs root';
-else if (!(await hasCommand('qemu-system-x86_64'))) why = 'qemu-system-x86_64 missing';
-else if (!existsSync(join(root, 'build/agent/tender-agent'))) why = 'the guest agent is not built (npm ci builds it)';
-if (why && process.env.TENDER_TEST_REQUIRE_GUEST === '1') throw new Error(`TENDER_TEST_REQUIRE_GUEST=1 but: ${why}`);
+const why = await guestSkipReason();
 
 describe.skipIf(why !== null)('machines, end to end (TCG)', () => {
   const home = mkdtempSync(join(tmpdir(), 'tender-home-'));
   const env = { ...process.env, TENDER_HOME: home, TENDER_LOG: 'warn' };
-  let daemon: ChildProcess | null = null;
   let hostServer: http.Server;
   let hostPort = 0;
   const blob = Buffer.alloc(4 * 1024 * 1024).map((_, i) => (i * 2654435761) >>> 24);
@@ -42,45 +33,15 @@ describe.skipIf(why !== null)('machines, end to end (TCG)', () => {
   const lanIf = `tlv${process.pid % 100000}`;
   let dnsmasq: ChildProcess | null = null;
 
-  const tender = (args: string[], timeout = 120_000) =>
-    new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      const p = spawn(process.execPath, [cli, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      let stderr = '';
-      p.stdout.on('data', (d) => (stdout += d));
-      p.stderr.on('data', (d) => (stderr += d));
-      const t = setTimeout(() => p.kill(), timeout);
-      p.on('close', (code) => {
-        clearTimeout(t);
-        resolve({ code: code ?? -1, stdout, stderr });
-      });
-    });
-  const ok = async (args: string[], timeout?: number) => {
-    const r = await tender(args, timeout);
-    if (r.code !== 0) throw new Error(`tender ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
-    return r.stdout;
-  };
+  const { tender, ok } = tenderCli(env);
   const inspect = async (name: string) => JSON.parse(await ok(['machine', 'inspect', name, '--json']));
 
-  const startDaemon = async () => {
-    daemon = spawn(process.execPath, [cli, 'daemon', '--log-level', 'warn'], { env, stdio: ['ignore', 'ignore', 'inherit'] });
-    await waitFor(() => existsSync(join(home, 'tender.sock')), 15_000);
-  };
-  const stopDaemon = async () => {
-    if (!daemon) return;
-    const d = daemon;
-    daemon = null;
-    const closed = new Promise((r) => d.on('close', r));
-    d.kill('SIGTERM');
-    await closed;
-  };
+  const daemon = cliDaemon(env);
+  const startDaemon = daemon.start;
+  const stopDaemon = daemon.stop;
 
   beforeAll(async () => {
-    if (!existsSync(cli)) await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: root });
-    // Reuse the image the other machine tests build (it is keyed on its inputs).
-    const img = await buildDefaultImage({ home: IMAGE_HOME });
-    await run('mkdir', ['-p', join(home, 'images')]);
-    await run('cp', ['-a', img.dir, join(home, 'images', 'default')]);
+    await prepareHome(home);
     hostServer = http.createServer((req, res) => res.end(req.url === '/blob' ? blob : 'hello from the host'));
     await new Promise<void>((r) => hostServer.listen(0, '127.0.0.1', r));
     hostPort = (hostServer.address() as net.AddressInfo).port;

@@ -8,11 +8,12 @@
  * the exit codes of bad input.
  */
 import { execFile, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CLI, ROOT, tenderCli } from '../helpers/cli.js';
 import { type Daemon, startDaemon } from '../../src/daemon/daemon.js';
 import { createLogger } from '../../src/log.js';
 import type { VmmDriver } from '../../src/vmm/driver.js';
@@ -20,8 +21,6 @@ import { MemoryBackend } from '../../usb/devices/scsi.js';
 import { FakeHostSource } from '../helpers/fake-host-usb.js';
 
 const run = promisify(execFile);
-const root = new URL('../..', import.meta.url).pathname;
-const cli = join(root, 'dist/src/cli.js');
 const hasUsbip = await run('usbip', ['version']).then(() => true, () => false);
 
 /** Machines are only created here: starting one is not part of these tests. */
@@ -41,28 +40,10 @@ describe('tender usb (CLI) against a daemon with fake host devices', () => {
   const src = new FakeHostSource();
   let daemon: Daemon;
 
-  const tender = (args: string[]) =>
-    new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      const p = spawn(process.execPath, [cli, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      let stderr = '';
-      p.stdout.on('data', (d) => (stdout += d));
-      p.stderr.on('data', (d) => (stderr += d));
-      p.on('close', (code) => resolve({ code: code ?? -1, stdout, stderr }));
-    });
-  const ok = async (args: string[]) => {
-    const r = await tender(args);
-    if (r.code !== 0) throw new Error(`tender ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
-    return r.stdout;
-  };
+  const { tender, ok } = tenderCli(env);
 
   beforeAll(async () => {
-    // The CLI runs from dist/: rebuild it when the sources it needs are newer.
-    const sources = ['src/commands/usb.ts', 'src/daemon/usb.ts', 'src/daemon/usb-state.ts', 'src/api/usb-routes.ts', 'src/cli.ts'].map((f) => join(root, f));
-    const newest = Math.max(...sources.map((f) => statSync(f).mtimeMs), ...readdirSync(join(root, 'usb/host')).map((f) => statSync(join(root, 'usb/host', f)).mtimeMs));
-    if (!existsSync(cli) || statSync(cli).mtimeMs < newest || statSync(join(root, 'dist/src/commands/usb.js')).mtimeMs < newest) {
-      await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: root }).catch(() => undefined); // others' type errors do not stop emit
-    }
+    if (!existsSync(CLI)) await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: ROOT });
     src.plug({ busid: '1-2', vendorId: 0x0781, productId: 0x5567, product: 'Cruzer', backend: new MemoryBackend(new Uint8Array(512 * 64)) });
     src.plug({ busid: '1-3', vendorId: 0x1111, productId: 0x2222, product: 'Gadget', backend: new MemoryBackend(new Uint8Array(512 * 64)) });
     daemon = await startDaemon({ home, log: createLogger('silent'), deps: { driver, images: { resolve: async () => ({ kernel: '/nonexistent' }) }, hostUsb: () => src } });
@@ -125,7 +106,7 @@ describe('tender usb (CLI) against a daemon with fake host devices', () => {
     expect(await ok(['usb', 'bind', '1-3'])).toBe('1-3\n');
     expect(await ok(['usb', 'ls'])).toMatch(/^1-3\s+1111:2222\s+Fake Gadget\s+shared$/m);
     expect(src.openNow.has('1-3')).toBe(true); // open for serve clients from now on
-    const serve = spawn(process.execPath, [cli, 'usb', 'serve', '--listen', '127.0.0.1:0'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const serve = spawn(process.execPath, [CLI, 'usb', 'serve', '--listen', '127.0.0.1:0'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
     try {
       let out = '';
       serve.stdout.on('data', (d) => (out += d));

@@ -9,33 +9,22 @@
  * first at the same busid with a new devnum, then at another port: each time the rule attaches
  * it again and the guest reads the same bytes.
  */
-import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { guestSkipReason, prepareHome, tenderCli } from '../helpers/cli.js';
 import { type Daemon, startDaemon } from '../../src/daemon/daemon.js';
 import { defaultDeps } from '../../src/daemon/deps.js';
 import type { TenderEvent } from '../../src/daemon/events.js';
 import { paths } from '../../src/daemon/paths.js';
-import { buildDefaultImage } from '../../src/image/default-image.js';
 import { createLogger } from '../../src/log.js';
 import { MemoryBackend } from '../../usb/devices/scsi.js';
 import { FakeHostSource } from '../helpers/fake-host-usb.js';
-import { hasCommand, isRoot, waitFor } from '../helpers/netns.js';
+import { waitFor } from '../helpers/netns.js';
 
-const run = promisify(execFile);
-const root = new URL('../..', import.meta.url).pathname;
-const cli = join(root, 'dist/src/cli.js');
-const IMAGE_HOME = process.env.TENDER_TEST_IMAGE_HOME || '/var/tmp/tender-test-image';
-
-let why: string | null = null;
-if (!isRoot) why = 'needs root';
-else if (!(await hasCommand('qemu-system-x86_64'))) why = 'qemu-system-x86_64 missing';
-else if (!existsSync(join(root, 'build/agent/tender-agent'))) why = 'the guest agent is not built (npm ci builds it)';
-if (why && process.env.TENDER_TEST_REQUIRE_GUEST === '1') throw new Error(`TENDER_TEST_REQUIRE_GUEST=1 but: ${why}`);
+const why = await guestSkipReason();
 
 const STICK = { vendorId: 0x0781, productId: 0x5567, product: 'Cruzer' };
 
@@ -48,24 +37,7 @@ describe.skipIf(why !== null)('USB auto-attach rule in a running machine (TCG)',
   const events: TenderEvent[] = [];
   let daemon: Daemon;
 
-  const tender = (args: string[], timeout = 120_000) =>
-    new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
-      const p = spawn(process.execPath, [cli, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      let stderr = '';
-      p.stdout.on('data', (d) => (stdout += d));
-      p.stderr.on('data', (d) => (stderr += d));
-      const t = setTimeout(() => p.kill(), timeout);
-      p.on('close', (code) => {
-        clearTimeout(t);
-        resolve({ code: code ?? -1, stdout, stderr });
-      });
-    });
-  const ok = async (args: string[], timeout?: number) => {
-    const r = await tender(args, timeout);
-    if (r.code !== 0) throw new Error(`tender ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
-    return r.stdout;
-  };
+  const { tender, ok } = tenderCli(env);
   const sh = (script: string) => ok(['machine', 'exec', 'p', '--', 'sh', '-c', script]);
   /** The guest's USB disk: its size in blocks and the md5 of its bytes, or null while there is none. */
   const guestDisk = async (): Promise<{ size: string; md5: string } | null> => {
@@ -83,14 +55,7 @@ describe.skipIf(why !== null)('USB auto-attach rule in a running machine (TCG)',
   const plug = (busid: string) => src.plug({ ...STICK, busid, backend: new MemoryBackend(data) });
 
   beforeAll(async () => {
-    const sources = ['src/commands/usb.ts', 'src/daemon/usb.ts', 'src/daemon/usb-state.ts', 'src/api/usb-routes.ts', 'src/cli.ts'].map((f) => join(root, f));
-    const newest = Math.max(...sources.map((f) => statSync(f).mtimeMs), ...readdirSync(join(root, 'usb/host')).map((f) => statSync(join(root, 'usb/host', f)).mtimeMs));
-    if (!existsSync(cli) || statSync(join(root, 'dist/src/commands/usb.js')).mtimeMs < newest) {
-      await run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: root }).catch(() => undefined); // others' type errors do not stop emit
-    }
-    const img = await buildDefaultImage({ home: IMAGE_HOME });
-    await run('mkdir', ['-p', join(home, 'images')]);
-    await run('cp', ['-a', img.dir, join(home, 'images', 'default')]);
+    await prepareHome(home);
     const p = paths(home);
     daemon = await startDaemon({ home, log: createLogger('warn'), deps: { ...defaultDeps(p), hostUsb: () => src } });
     daemon.events.on('event', (e) => events.push(e));
