@@ -5,6 +5,7 @@
  * timeout instead of letting one stuck measurement hang the whole bench.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 
 export interface RunResult {
   code: number | null;
@@ -148,4 +149,27 @@ export async function waitFor<T>(what: string, ms: number, f: () => Promise<T | 
     if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}${lastErr ? `: ${(lastErr as Error).message}` : ''}`);
     await new Promise((r) => setTimeout(r, everyMs));
   }
+}
+
+/**
+ * CPU time used so far by every thread of `pid`, in nanoseconds (the first field of each
+ * /proc/PID/task/TID/schedstat), or null when the process is gone. Finer than the clock ticks
+ * of /proc/PID/stat, and it counts Node's helper threads (GC, libuv pool) too.
+ */
+export function cpuNs(pid: number): number | null {
+  let tids: string[];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return null;
+  }
+  let sum = 0;
+  for (const t of tids) {
+    try {
+      sum += Number(readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      /* the thread ended meanwhile */
+    }
+  }
+  return sum;
 }

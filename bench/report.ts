@@ -26,7 +26,7 @@ export interface BenchResults {
   machine: { kernel: string; cpu: string; cores: number; node: string; /** The kernel's default TCP congestion control (the guest's and the host sockets'). */ tcpCongestion?: string };
   /** Stack (or tool) name -> version string. */
   tools: Record<string, string>;
-  options: { stacks: string[]; mtus: number[]; seconds: number; omit: number; repeat: number; rrCount: number; quick: boolean };
+  options: { stacks: string[]; mtus: number[]; seconds: number; omit: number; repeat: number; rrCount: number; /** Absent in results from before it was an option (100). */ rrWarmup?: number; quick: boolean };
   /** Stack name -> the command lines that set it up, at the first MTU (the MTU is a flag in each). */
   commands: Record<string, string[]>;
   cells: Cell[];
@@ -128,6 +128,38 @@ export function renderChart(r: BenchResults, width = 40): string {
   return out.join('\n').trimEnd();
 }
 
+/**
+ * The round trip's details per stack (medians over the runs): the measured median, the
+ * warm-up's median (a JIT-compiled stack starts slower) and the CPU time the stack's own
+ * process spent per round trip. Empty when no run recorded them (results from older runs).
+ */
+export function renderRrDetail(r: BenchResults): string {
+  const mtu = rrMtu(r);
+  const rows: string[] = [];
+  for (const s of r.options.stacks) {
+    const c = findCell(r, s, mtu, 'rr');
+    const d = (c?.detail ?? []).filter((x): x is Partial<RrDetail> => typeof x === 'object' && x !== null);
+    const pick = (k: keyof RrDetail) => median(d.map((x) => x[k]).filter((v): v is number => typeof v === 'number' && Number.isFinite(v)));
+    const warm = pick('warmupMedianUs');
+    const cpu = pick('stackCpuUs');
+    if (c?.value == null && warm === null && cpu === null) continue;
+    const f = (v: number | null) => (v === null ? '–' : formatUs(v));
+    rows.push(`| ${s} | ${f(c?.value ?? null)} | ${f(warm)} | ${f(cpu)} |`);
+  }
+  if (!rows.some((x) => !x.endsWith('| – | – |'))) return '';
+  return [
+    `| stack (TCP_RR, MTU ${mtu}) | median µs | warm-up median µs | stack CPU µs per round trip |`,
+    '| --- | ---: | ---: | ---: |',
+    ...rows,
+  ].join('\n');
+}
+
+/** The fields of a TCP_RR run's detail that renderRrDetail reads (see rr-stats.ts). */
+interface RrDetail {
+  warmupMedianUs: number;
+  stackCpuUs: number;
+}
+
 const USER_MODE = ['slirp4netns', 'pasta'];
 
 /**
@@ -178,7 +210,7 @@ export function renderBlock(r: BenchResults): string {
   return [
     `Run on ${r.date} (${Math.round(r.durationSeconds)} s in all). Machine: ${r.machine.cpu}, ${r.machine.cores} cores, Linux ${r.machine.kernel}${r.machine.tcpCongestion ? ` (TCP congestion control ${r.machine.tcpCongestion})` : ''}, Node ${r.machine.node}.`,
     `Tools: ${tools}.`,
-    `iperf3 \`-t ${o.seconds} -O ${o.omit}\`, ${o.repeat} run${o.repeat > 1 ? 's' : ''} per cell${o.repeat > 1 ? ' (median shown)' : ''}; TCP_RR: ${o.rrCount} sequential 1-byte round trips after a warm-up.${o.quick ? ' **Quick run (1-second iperf3 tests): a sanity check, not a measurement.**' : ''}`,
+    `iperf3 \`-t ${o.seconds} -O ${o.omit}\`, ${o.repeat} run${o.repeat > 1 ? 's' : ''} per cell${o.repeat > 1 ? ' (median shown)' : ''}; TCP_RR: ${o.rrCount} sequential 1-byte round trips after ${o.rrWarmup ?? 100} warm-up round trips.${o.quick ? ' **Quick run (1-second iperf3 tests): a sanity check, not a measurement.**' : ''}`,
     'Numbers are noisy on this shared 2-core machine: compare stacks only within one run.',
     '',
     renderTable(r),
@@ -187,6 +219,7 @@ export function renderBlock(r: BenchResults): string {
     renderChart(r),
     '```',
     '',
+    ...(renderRrDetail(r) ? [renderRrDetail(r), ''] : []),
     ...(renderTargets(r) ? ["Issue 3 targets for tender in this run (N× = tender's throughput over the other stack's, or the other's round trip over tender's: above 1× tender is ahead; ✔ met, ✘ not yet):", '', renderTargets(r), ''] : []),
     'How each stack was started (`NS` is the bench\'s namespace; the MTU differs per run):',
     '',

@@ -5,6 +5,14 @@ export interface RrStats {
   medianUs: number;
   p99Us: number;
   minUs: number;
+  /**
+   * CPU time the stack's own process spent per round trip (warm-up included), from
+   * /proc/PID/task/TID/schedstat around the whole client run; absent for veth (no process).
+   * Less sensitive than wall time to other load on the machine.
+   */
+  stackCpuUs?: number;
+  /** Median of the warm-up round trips (not counted in the others). */
+  warmupMedianUs?: number;
 }
 
 export function summarize(samplesUs: ArrayLike<number>): RrStats {

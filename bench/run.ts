@@ -6,7 +6,7 @@
  * and the namespace are removed. A cell that fails records "n/a (why)" and the run goes on.
  *
  *   node dist/bench/run.js [--only tender,slirp4netns] [--mtu 1500] [--quick] [--repeat N]
- *                          [--seconds N] [--write | --no-write]
+ *                          [--seconds N] [--rr-only] [--rr-count N] [--rr-warmup N] [--write | --no-write]
  *   node dist/bench/run.js --render bench/results/latest.json   (re-render the docs, no measuring)
  *
  * A full run (all stacks, both MTUs, not --quick) rewrites the marked block of
@@ -25,6 +25,17 @@ import type { RrStats } from './rr-stats.js';
 import { STACKS, STACK_NAMES, repoRoot, type StackName } from './stacks.js';
 
 const ALL_MTUS = [1500, 65520];
+/**
+ * TCP_RR: round trips measured, and round trips before them that are not. The warm-up is
+ * long because a JavaScript stack (tender) runs its first few thousand round trips through
+ * V8's interpreter and baseline code, with its optimizing compiler busy on the other core:
+ * about 3x the steady-state CPU per round trip for the first ~2000, settling after ~5000 (see
+ * docs/NOTES.md, "Issue 3"). A long-running stack spends almost all its life in the steady
+ * state, which is what netperf's 10-second TCP_RR measures too; the warm-up median is still
+ * recorded with each result.
+ */
+const RR_COUNT = 10_000;
+const RR_WARMUP = 5000;
 
 interface Options {
   stacks: StackName[];
@@ -33,6 +44,10 @@ interface Options {
   omit: number;
   repeat: number;
   rrCount: number;
+  /** Round trips before the measured ones (not counted). */
+  rrWarmup: number;
+  /** Only the TCP_RR cells (no iperf3): for working on latency. */
+  rrOnly: boolean;
   quick: boolean;
   write: boolean | null;
   /** Re-render docs/benchmarks.md from a saved results file instead of measuring. */
@@ -40,7 +55,7 @@ interface Options {
 }
 
 function usage(msg: string): never {
-  process.stderr.write(`${msg}\nusage: node dist/bench/run.js [--only ${STACK_NAMES.join(',')}] [--mtu 1500,65520] [--quick] [--repeat N] [--seconds N] [--write|--no-write] [--render results.json]\n`);
+  process.stderr.write(`${msg}\nusage: node dist/bench/run.js [--only ${STACK_NAMES.join(',')}] [--mtu 1500,65520] [--quick] [--repeat N] [--seconds N] [--rr-only] [--rr-count N] [--rr-warmup N] [--write|--no-write] [--render results.json]\n`);
   process.exit(2);
 }
 
@@ -55,6 +70,9 @@ function parseOptions(argv: string[]): Options {
         quick: { type: 'boolean', default: false },
         repeat: { type: 'string' },
         seconds: { type: 'string' },
+        'rr-only': { type: 'boolean', default: false },
+        'rr-count': { type: 'string' },
+        'rr-warmup': { type: 'string' },
         write: { type: 'boolean' },
         render: { type: 'string' },
         'no-write': { type: 'boolean' },
@@ -77,6 +95,16 @@ function parseOptions(argv: string[]): Options {
     return n;
   };
   const quick = !!v.quick;
+  let rrCount = quick ? 500 : RR_COUNT;
+  if (v['rr-count'] !== undefined) {
+    rrCount = Number(v['rr-count']);
+    if (!Number.isInteger(rrCount) || rrCount < 1 || rrCount > 1_000_000) usage(`bad --rr-count "${v['rr-count']}": 1 to 1000000`);
+  }
+  let rrWarmup = quick ? 100 : RR_WARMUP;
+  if (v['rr-warmup'] !== undefined) {
+    rrWarmup = Number(v['rr-warmup']);
+    if (!Number.isInteger(rrWarmup) || rrWarmup < 0 || rrWarmup > 1_000_000) usage(`bad --rr-warmup "${v['rr-warmup']}": 0 to 1000000`);
+  }
   return {
     // Keep the canonical order so tables from different runs line up.
     stacks: STACK_NAMES.filter((s) => stacks.includes(s)),
@@ -84,7 +112,9 @@ function parseOptions(argv: string[]): Options {
     seconds: int(v.seconds, quick ? 1 : 5, 'seconds'),
     omit: 1,
     repeat: int(v.repeat, 1, 'repeat'),
-    rrCount: quick ? 500 : 2000,
+    rrCount,
+    rrWarmup,
+    rrOnly: !!v['rr-only'],
     quick,
     write: v.write ? true : v['no-write'] ? false : null,
     render: v.render ?? null,
@@ -148,7 +178,7 @@ async function measure(o: Options, stack: StackName, mtu: number, record: (k: Ki
     commands(running.commands.map((c) => c.replaceAll(ns, 'NS')));
     const stopStack = cleanup.add(`stop ${stack}`, () => running.stop());
     try {
-      for (const [k, reverse] of [['up', false], ['down', true]] as const) {
+      for (const [k, reverse] of o.rrOnly ? [] : ([['up', false], ['down', true]] as const)) {
         try {
           const r: IperfResult = await runIperf({ ns, target: running.target, bind: running.bind, seconds: o.seconds, omit: o.omit, reverse });
           const g = r.bitsPerSecond / 1e9;
@@ -160,8 +190,10 @@ async function measure(o: Options, stack: StackName, mtu: number, record: (k: Ki
         }
       }
       try {
-        const r: RrStats = await runRr({ ns, target: running.target, bind: running.bind, count: o.rrCount, warmup: 100 });
-        log(`${tag} TCP_RR median ${formatUs(r.medianUs)} µs (mean ${formatUs(r.meanUs)}, p99 ${formatUs(r.p99Us)})`);
+        const r: RrStats = await runRr({ ns, target: running.target, bind: running.bind, count: o.rrCount, warmup: o.rrWarmup, pid: running.pid });
+        const cpu = r.stackCpuUs !== undefined ? `, stack CPU ${formatUs(r.stackCpuUs)} µs/round trip` : '';
+        const warm = r.warmupMedianUs != null ? `, warm-up median ${formatUs(r.warmupMedianUs)}` : '';
+        log(`${tag} TCP_RR median ${formatUs(r.medianUs)} µs (mean ${formatUs(r.meanUs)}, p99 ${formatUs(r.p99Us)}${cpu}${warm})`);
         record('rr', r.medianUs, undefined, r);
       } catch (err) {
         log(`${tag} TCP_RR failed: ${shortError(err)}`);
@@ -247,7 +279,7 @@ async function main(): Promise<void> {
     durationSeconds: 0,
     machine: await machine(),
     tools: await tools(o),
-    options: { stacks: o.stacks, mtus: o.mtus, seconds: o.seconds, omit: o.omit, repeat: o.repeat, rrCount: o.rrCount, quick: o.quick },
+    options: { stacks: o.stacks, mtus: o.mtus, seconds: o.seconds, omit: o.omit, repeat: o.repeat, rrCount: o.rrCount, rrWarmup: o.rrWarmup, quick: o.quick },
     commands: {},
     cells: [],
   };
@@ -290,7 +322,7 @@ async function main(): Promise<void> {
   process.stdout.write(`\n${renderTable(results)}\n\n${renderChart(results)}\n\n${renderTargets(results)}\n\n`);
 
   const root = repoRoot();
-  const full = o.stacks.length === STACK_NAMES.length && ALL_MTUS.every((m) => o.mtus.includes(m)) && !o.quick;
+  const full = o.stacks.length === STACK_NAMES.length && ALL_MTUS.every((m) => o.mtus.includes(m)) && !o.quick && !o.rrOnly;
   const write = o.write ?? full;
   mkdirSync(join(root, 'bench', 'results'), { recursive: true });
   const jsonPath = join(root, 'bench', 'results', write ? 'latest.json' : 'partial.json');

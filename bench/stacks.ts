@@ -31,6 +31,8 @@ export interface Running {
   bind: string;
   /** The command lines that set the stack up, for the report. */
   commands: string[];
+  /** The stack's own process (none for veth), for CPU time per round trip. */
+  pid?: number;
   stop(): Promise<void>;
 }
 
@@ -116,7 +118,7 @@ export const slirp4netns: Stack = {
       await d.stop();
       throw err;
     }
-    return { target: '10.0.2.2', bind: '127.0.0.1', commands: [`slirp4netns ${args.join(' ')}`], stop: () => d.stop() };
+    return { target: '10.0.2.2', bind: '127.0.0.1', commands: [`slirp4netns ${args.join(' ')}`], pid: d.child.pid, stop: () => d.stop() };
   },
 };
 
@@ -150,7 +152,7 @@ export const pasta: Stack = {
       await d.stop();
       throw err;
     }
-    return { target: gw, bind: '127.0.0.1', commands: [`pasta ${args.join(' ')}`], stop: () => d.stop() };
+    return { target: gw, bind: '127.0.0.1', commands: [`pasta ${args.join(' ')}`], pid: d.child.pid, stop: () => d.stop() };
   },
 };
 
@@ -183,7 +185,9 @@ export const tender: Stack = {
     const cli = join(repoRoot(), 'dist', 'src', 'cli.js');
     if (!existsSync(cli)) throw new Error(`${cli} is missing: run npm run build:ts`);
     const args = [cli, 'netns', ns, '--configure', '--mtu', String(mtu), '--log-level', 'warn'];
-    const d = startDaemon(process.execPath, args, `tender for ${ns}`);
+    // For profiling runs, e.g. TENDER_BENCH_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof'.
+    const nodeArgs = (process.env.TENDER_BENCH_NODE_ARGS ?? '').split(/\s+/).filter(Boolean);
+    const d = startDaemon(process.execPath, [...nodeArgs, ...args], `tender for ${ns}`);
     try {
       await waitConfigured(ns, 'eth0', '192.168.127.254', d);
     } catch (err) {
@@ -194,6 +198,7 @@ export const tender: Stack = {
       target: '192.168.127.254',
       bind: '127.0.0.1',
       commands: [`node dist/src/cli.js ${args.slice(1).join(' ')}`],
+      pid: d.child.pid,
       stop: () => d.stop(),
     };
   },

@@ -86,6 +86,8 @@ export interface RawFrameIO {
   readonly closed: boolean;
   readonly peer: string | null;
   writeBatch(buf: Uint8Array, offsets: Uint32Array, lengths: Uint32Array, count: number): number;
+  setSendQueue(buf: Uint8Array, offsets: Uint32Array, lengths: Uint32Array): void;
+  writeQueued(count: number): number;
   onWritable(cb: () => void): void;
   pause(): void;
   resume(): void;
@@ -118,6 +120,8 @@ export interface NativeBinding {
   socketError(fd: number, syscall: string): void;
   shutdown(fd: number, how: number): void;
   listen(fd: number, backlog: number): void;
+  /** Bytes sent, or -1 when the socket buffer is full. */
+  sendSome(fd: number, buf: Uint8Array): number;
   vsockSocket(): number;
   vsockConnect(fd: number, cid: number, port: number): boolean;
   vsockBind(fd: number, cid: number, port: number): void;
@@ -307,6 +311,16 @@ export class FrameIO {
     return this.raw.writeBatch(buf, offsets, lengths, count);
   }
 
+  /** Register the arrays writeQueued() sends from (for a caller with one fixed send queue). */
+  setSendQueue(buf: Uint8Array, offsets: Uint32Array, lengths: Uint32Array): void {
+    this.raw.setSendQueue(buf, offsets, lengths);
+  }
+
+  /** writeBatch over the arrays given to setSendQueue, without passing them on every call. */
+  writeQueued(count: number): number {
+    return this.raw.writeQueued(count);
+  }
+
   /** Calls cb once when the descriptor is writable (POLLOUT armed once, never a busy loop). */
   onWritable(cb: () => void): void {
     this.raw.onWritable(cb);
@@ -412,6 +426,14 @@ export function connectUnixDgram(fd: number, path: string): void {
 }
 
 /** A connected pair of non-blocking AF_UNIX sockets: [fd, fd]. */
+/**
+ * One non-blocking send(2) on a stream socket: the bytes the kernel took, or -1 when its
+ * buffer is full. Throws a NativeError for any other failure (EPIPE, ECONNRESET, ...).
+ */
+export function sendSome(fd: number, buf: Uint8Array): number {
+  return binding().sendSome(fd, buf);
+}
+
 export function socketpair(type: 'stream' | 'dgram' = 'stream'): [number, number] {
   return binding().socketpair(type === 'stream');
 }

@@ -7,12 +7,16 @@
  *
  * Send: `send()` copies the frame into a send arena (the caller's buffer is only borrowed)
  * and schedules one flush per event-loop turn, which writes every pending frame with one
- * `writeBatch`. The flush runs from setImmediate rather than queueMicrotask: a microtask would
- * run after *each* callback (each readable socket, each timer), while an immediate runs once
+ * `writeQueued` (FrameIO's batched write over the arena, registered once). The flush runs
+ * from setImmediate rather than queueMicrotask: a microtask would run after *each* callback
+ * (each readable socket, each timer), while an immediate runs once
  * after the whole poll phase, so frames produced by every descriptor that woke up together
  * (the TAP batch and, later, many NAT sockets) leave in one batch. It costs no latency: while
  * an immediate is pending libuv polls with a zero timeout, so the flush happens in the same
- * loop iteration.
+ * loop iteration. When the owner flushes first (the switch does at the end of every batch),
+ * the immediate is cancelled: left pending it would cost one more non-blocking epoll_wait
+ * and one more call into JS per event-loop turn, which is a measurable part of a 1-byte
+ * round trip (two of them per round trip, one per direction).
  *
  * When the device is full (EAGAIN/ENOBUFS) the unsent frames stay queued and the link waits
  * for POLLOUT once (never retries in a loop: the ENOBUFS CPU spin seen with vfkit); past the
@@ -80,10 +84,11 @@ export abstract class FdFrameLink implements Link {
   private pending = 0;
   private dataStart = 0;
   private dataEnd = 0;
-  private flushScheduled = false;
+  /** The end-of-turn flush, while one is scheduled. */
+  private immediate: NodeJS.Immediate | null = null;
   private waitingWritable = false;
   private readonly flushNow = (): void => {
-    this.flushScheduled = false;
+    this.immediate = null;
     this.flush();
   };
   private readonly onWritable = (): void => {
@@ -126,6 +131,8 @@ export abstract class FdFrameLink implements Link {
       onError: (err) => this.onReadError(err),
       onPeer: (path) => this.onPeer(path),
     });
+    // The send queue never changes: register it once (see flush()).
+    this.io.setSendQueue(this.arena, this.offs, this.lens);
     this.truncated = FrameIO.TRUNCATED;
     // Nothing is read before a receiver is attached (frames would have nowhere to go).
     this.io.pause();
@@ -234,10 +241,7 @@ export abstract class FdFrameLink implements Link {
     this.lens[this.pending] = len;
     this.pending++;
     this.dataEnd += len;
-    if (!this.flushScheduled && !this.waitingWritable) {
-      this.flushScheduled = true;
-      setImmediate(this.flushNow);
-    }
+    if (this.immediate === null && !this.waitingWritable) this.immediate = setImmediate(this.flushNow);
   }
 
   private writeVnetHdr(b: Uint8Array, off: number, meta: FrameMeta | undefined): void {
@@ -290,10 +294,15 @@ export abstract class FdFrameLink implements Link {
 
   /** Write all pending frames; exposed for tests and for callers that want to push now. */
   flush(): void {
+    if (this.immediate !== null) {
+      // Everything pending goes now (or waits for POLLOUT): the end-of-turn flush has nothing left to do.
+      clearImmediate(this.immediate);
+      this.immediate = null;
+    }
     while (!this.closed && !this.waitingWritable && this.pending > 0) {
       let k: number;
       try {
-        k = this.io.writeBatch(this.arena, this.offs, this.lens, this.pending);
+        k = this.io.writeQueued(this.pending);
       } catch (e) {
         const code = isNativeError(e) ? e.code : 'unknown';
         if (FATAL.has(code)) {

@@ -27,12 +27,34 @@ export interface SwitchPort {
 interface Entry {
   port: PortImpl;
   seen: number;
+  /** False once removed from the table (aged out, port detached): cached references check it. */
+  live: boolean;
+}
+
+/** A MAC address as two 24-bit halves: compared without building the 48-bit key (a heap number). */
+function macHi(b: Uint8Array, off: number): number {
+  return (b[off]! << 16) | (b[off + 1]! << 8) | b[off + 2]!;
+}
+function macLo(b: Uint8Array, off: number): number {
+  return (b[off + 3]! << 16) | (b[off + 4]! << 8) | b[off + 5]!;
 }
 
 class PortImpl implements SwitchPort, LinkReceiver {
   /** Set while the port has been sent frames during the current ingress batch. */
   dirty = false;
   removed = false;
+  /**
+   * The last source and destination MACs of frames from this port, with their table entries.
+   * A link usually carries one machine talking to one peer, so most frames match both and
+   * skip the two Map lookups with 48-bit (non-Smi) keys; a mismatch or a dead entry falls
+   * back to the table.
+   */
+  srcHi = -1;
+  srcLo = -1;
+  srcEntry: Entry | null = null;
+  dstHi = -1;
+  dstLo = -1;
+  dstEntry: Entry | null = null;
 
   constructor(
     readonly id: number,
@@ -126,14 +148,34 @@ export class Switch {
       return;
     }
     const now = this.opts.clock.now();
-    this.learn(macKey(frame, 6), from, now);
+    const sHi = macHi(frame, 6);
+    const sLo = macLo(frame, 6);
+    const se = from.srcEntry;
+    if (se !== null && se.live && se.port === from && from.srcHi === sHi && from.srcLo === sLo) {
+      se.seen = now;
+    } else {
+      from.srcEntry = this.learn(macKey(frame, 6), from, now);
+      from.srcHi = sHi;
+      from.srcLo = sLo;
+    }
 
     if (isGroupMac(frame, 0)) {
       c.inc('switch.flood');
       this.flood(from, frame, meta);
       return;
     }
-    const e = this.table.get(macKey(frame, 0));
+    const dHi = macHi(frame, 0);
+    const dLo = macLo(frame, 0);
+    let e: Entry | undefined;
+    const de = from.dstEntry;
+    if (de !== null && de.live && from.dstHi === dHi && from.dstLo === dLo) {
+      e = de;
+    } else {
+      e = this.table.get(macKey(frame, 0));
+      from.dstEntry = e ?? null;
+      from.dstHi = dHi;
+      from.dstLo = dLo;
+    }
     if (e === undefined || now - e.seen > this.ageingMs) {
       c.inc('switch.flood_unknown');
       this.flood(from, frame, meta);
@@ -148,25 +190,32 @@ export class Switch {
     this.deliver(e.port, frame, meta);
   }
 
-  private learn(key: number, port: PortImpl, now: number): void {
+  private learn(key: number, port: PortImpl, now: number): Entry | null {
     const e = this.table.get(key);
     if (e !== undefined) {
       e.port = port;
       e.seen = now;
-      return;
+      return e;
     }
     if (this.table.size >= this.maxMacs) {
       this.evictAged(now);
       if (this.table.size >= this.maxMacs) {
         this.opts.counters.inc('switch.learn_table_full');
-        return;
+        return null;
       }
     }
-    this.table.set(key, { port, seen: now });
+    const n: Entry = { port, seen: now, live: true };
+    this.table.set(key, n);
+    return n;
   }
 
   private evictAged(now: number): void {
-    for (const [k, e] of this.table) if (now - e.seen > this.ageingMs) this.table.delete(k);
+    for (const [k, e] of this.table) {
+      if (now - e.seen > this.ageingMs) {
+        e.live = false;
+        this.table.delete(k);
+      }
+    }
   }
 
   private flood(from: PortImpl, frame: Uint8Array, meta?: FrameMeta): void {
@@ -218,7 +267,12 @@ export class Switch {
     p.removed = true;
     const i = this.ports.indexOf(p);
     if (i >= 0) this.ports.splice(i, 1);
-    for (const [k, e] of this.table) if (e.port === p) this.table.delete(k);
+    for (const [k, e] of this.table) {
+      if (e.port === p) {
+        e.live = false;
+        this.table.delete(k);
+      }
+    }
   }
 
   close(): void {

@@ -19,6 +19,7 @@
  * socket's high-water mark: neither side ever queues without limit.
  */
 import type net from 'node:net';
+import { isNativeError, sendSome } from '../../native/index.js';
 import type { Counters } from '../counters.js';
 import type { TcpConnection } from '../tcp/connection.js';
 
@@ -84,7 +85,8 @@ export function bridge(conn: TcpConnection, sock: net.Socket, counters: Counters
   // guest → host
   conn.on('data', (data: Uint8Array) => {
     stats.toHost += data.length;
-    if (!sock.write(data)) conn.pause();
+    const rest = writeDirect(sock, data);
+    if (rest !== null && !sock.write(rest)) conn.pause();
   });
   sock.on('drain', () => conn.resume());
   conn.on('end', () => {
@@ -103,4 +105,32 @@ export function bridge(conn: TcpConnection, sock: net.Socket, counters: Counters
     if (!sock.destroyed && !sock.writableEnded) sock.end();
     done();
   });
+}
+
+/**
+ * Write to the host socket's descriptor at once when Node has nothing queued for it, and
+ * return what is left for `socket.write()` (null: all written). A lone small write through
+ * net.Socket costs a Writable state update, a WriteWrap, a libuv request and a nextTick for
+ * its callback, and fs.writeSync still ~1 µs of argument checks and request setup; the
+ * addon's one send(2) does the job whenever the kernel takes it all, which it does whenever
+ * the socket buffer has room (always in request/response traffic). Ordering holds: only an
+ * empty queue is bypassed, and anything not taken (EAGAIN, a short write) goes through
+ * `socket.write()` behind it. Errors (EPIPE, ECONNRESET) also go that way, so Node reports
+ * them as usual. Without a usable addon (not built, a test's fake) this turns itself off.
+ */
+let directWrites = true;
+
+function writeDirect(sock: net.Socket, data: Uint8Array): Uint8Array | null {
+  if (!directWrites) return data;
+  const fd = (sock as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  if (fd === undefined || fd < 0 || sock.writableLength > 0 || sock.destroyed || sock.writableEnded || sock.connecting) return data;
+  let n: number;
+  try {
+    n = sendSome(fd, data);
+  } catch (e) {
+    if (!isNativeError(e) || e.syscall !== 'send') directWrites = false;
+    return data;
+  }
+  if (n < 0) return data;
+  return n >= data.length ? null : data.subarray(n);
 }

@@ -10,7 +10,7 @@
 import { TcpFlag, type TcpRepr } from '../wire/tcp.js';
 import { Ev, type TcpConnection } from './connection.js';
 import { TcpError } from './errors.js';
-import { challengeAck, retransmitFirst, sendAck, sendRst, updateTimer, tsNow } from './output.js';
+import { SCALE, challengeAck, retransmitFirst, sendAck, sendRst, updateTimer, tsNow } from './output.js';
 import { DUP_THRESH } from './scoreboard.js';
 import { seqAdd, seqDiff, seqGe, seqGt, seqLe, seqLt } from './seq.js';
 import { canReceive, TcpState } from './state.js';
@@ -129,7 +129,7 @@ export function segmentArrives(c: TcpConnection, s: TcpRepr, payload: Uint8Array
     // Our SYN is acknowledged.
     if (c.rtxCount === 0) c.rtt.sample(now - c.synTime);
     c.sndUna = seqAdd(c.iss, 1);
-    c.sndWnd = s.window * 2 ** c.sndWscale;
+    c.sndWnd = s.window * SCALE[c.sndWscale]!;
     c.maxSndWnd = c.sndWnd;
     c.sndWl1 = s.seq;
     c.sndWl2 = s.ack;
@@ -267,7 +267,7 @@ function processAck(c: TcpConnection, s: TcpRepr, plen: number, now: number): bo
     challengeAck(c);
     return false;
   }
-  const wnd = s.window * 2 ** c.sndWscale;
+  const wnd = s.window * SCALE[c.sndWscale]!;
   if (c.sackOk && s.sackBlocks.length > 0) c.sb.update(s.sackBlocks, c.sndUna, c.sndMax);
 
   if (seqGt(ack, c.sndUna)) {

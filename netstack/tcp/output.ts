@@ -4,7 +4,7 @@
  * window, sender SWS avoidance, optional Nagle), loss-recovery transmission (NewReno,
  * RFC 6582; SACK-based, RFC 6675), the advertised receive window, and which timer runs.
  */
-import { TcpFlag, tcpHeaderLen, emitTcp, TCP_PROTO, TCP_HLEN } from '../wire/tcp.js';
+import { MAX_WSCALE, TcpFlag, tcpHeaderLen, emitTcp, TCP_PROTO, TCP_HLEN } from '../wire/tcp.js';
 import type { TcpConnection } from './connection.js';
 import { seqAdd, seqDiff, seqGt, seqLe, seqLt, seqMax } from './seq.js';
 import { TcpState } from './state.js';
@@ -36,7 +36,8 @@ export function transmit(c: TcpConnection, seq: number, len: number, flags: numb
   r.mss = 0;
   r.wscale = -1;
   r.sackPermitted = false;
-  r.sackBlocks.length = 0;
+  // Guarded: storing an array's length always calls into the runtime, even when it is 0 already.
+  if (r.sackBlocks.length !== 0) r.sackBlocks.length = 0;
   r.tsPresent = false;
   if (syn) {
     // RFC 7323 §2.2: the window in a SYN is never scaled.
@@ -126,6 +127,13 @@ export function challengeAck(c: TcpConnection): void {
 }
 
 /**
+ * 2^shift for the window-scale shifts 0..14 (RFC 7323 §2.3; the parser caps a peer's shift at
+ * 14 and we never offer more). A table because `2 ** shift` with a variable shift is a call
+ * to Math.pow, once or twice per segment.
+ */
+export const SCALE: readonly number[] = Array.from({ length: MAX_WSCALE + 1 }, (_, i) => 2 ** i);
+
+/**
  * The window field for an outgoing ACK, updating rcvAdvRight. The right edge never moves
  * left (RFC 9293 §3.8.6.2.1: shrinking the window is strongly discouraged), and moves right
  * only by at least min(buffer/2, MSS) (receiver SWS avoidance, RFC 9293 §3.8.6.2.2). The
@@ -138,9 +146,9 @@ export function advertiseWindow(c: TcpConnection): number {
   if (seqDiff(right, c.rcvAdvRight) < Math.min(c.rcvCap >> 1, c.rcvMss)) right = seqMax(c.rcvAdvRight, c.rcvNxt);
   const wnd = seqDiff(right, c.rcvNxt);
   const ws = c.rcvWscale;
-  let field = Math.ceil(wnd / 2 ** ws);
+  let field = Math.ceil(wnd / SCALE[ws]!);
   if (field > 0xffff) field = 0xffff;
-  c.rcvAdvRight = seqAdd(c.rcvNxt, field * 2 ** ws);
+  c.rcvAdvRight = seqAdd(c.rcvNxt, field * SCALE[ws]!);
   return field;
 }
 

@@ -59,6 +59,12 @@ export class ByteRing {
   copyOut(pos: number, n: number, dst: Uint8Array, dstOff: number): void {
     const cap = this.buf.length;
     const p = (this.head + pos) & (cap - 1);
+    if (n <= 32) {
+      // A few bytes (interactive traffic): a loop costs less than the subarray views below.
+      const b = this.buf;
+      for (let i = 0; i < n; i++) dst[dstOff + i] = b[(p + i) & (cap - 1)]!;
+      return;
+    }
     const first = Math.min(n, cap - p);
     dst.set(this.buf.subarray(p, p + first), dstOff);
     if (first < n) dst.set(this.buf.subarray(0, n - first), dstOff + first);

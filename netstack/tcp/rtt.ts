@@ -31,6 +31,8 @@ export class RttEstimator {
 
   /** Current RTO including backoff. */
   get rto(): number {
+    // Read on every send (timer re-arm): skip `2 ** backoff` (a Math.pow call) in the usual case.
+    if (this.backoff === 0) return Math.min(this.maxRto, this.baseRto);
     return Math.min(this.maxRto, this.baseRto * 2 ** this.backoff);
   }
 

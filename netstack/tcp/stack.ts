@@ -111,6 +111,12 @@ export class TcpStack {
   private readonly isn: () => number;
   /** local (ip,port) → remote (ip,port) → connection. Numeric keys: no allocation per lookup. */
   private readonly table = new Map<number, Map<number, TcpConnection>>();
+  /**
+   * The connection the last segment belonged to (null once it leaves the table): consecutive
+   * segments of one connection (request/response, bulk) skip the two lookups above, whose
+   * 48-bit keys are heap numbers.
+   */
+  private last: TcpConnection | null = null;
   private readonly pending = new Map<number, Map<number, Pending>>();
   private count = 0;
   private pendingCount = 0;
@@ -191,9 +197,14 @@ export class TcpStack {
       return;
     }
     const payload = segment.subarray(r.headerLen);
-    const lk = localKey(dst, r.dstPort);
-    const rk = localKey(src, r.srcPort);
-    let c = this.table.get(lk)?.get(rk);
+    let c: TcpConnection | undefined;
+    const last = this.last;
+    if (last !== null && last.remotePort === r.srcPort && last.localPort === r.dstPort && last.remoteIp === src && last.localIp === dst) {
+      c = last;
+    } else {
+      c = this.table.get(localKey(dst, r.dstPort))?.get(localKey(src, r.srcPort));
+      if (c !== undefined) this.last = c;
+    }
     if (c && c.state === TcpState.TIME_WAIT && r.flags & SYN && !(r.flags & (ACK | RST))) {
       // RFC 6191 (and RFC 9293 §3.6.1): a new SYN may reuse a TIME_WAIT tuple if it is
       // provably newer — a higher timestamp, or without timestamps a higher sequence number.
@@ -380,6 +391,7 @@ export class TcpStack {
     const lk = localKey(c.localIp, c.localPort);
     const m = this.table.get(lk);
     const rk = localKey(c.remoteIp, c.remotePort);
+    if (this.last === c) this.last = null;
     if (m && m.get(rk) === c) {
       m.delete(rk);
       this.count--;

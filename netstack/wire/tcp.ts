@@ -133,7 +133,8 @@ export function parseTcpInto(buf: Uint8Array, out: TcpRepr): TcpDropReason | nul
   out.mss = 0;
   out.wscale = -1;
   out.sackPermitted = false;
-  out.sackBlocks.length = 0;
+  // Guarded: storing an array's length always calls into the runtime, even when it is 0 already.
+  if (out.sackBlocks.length !== 0) out.sackBlocks.length = 0;
   out.tsPresent = false;
   out.tsval = 0;
   out.tsecr = 0;

@@ -4,7 +4,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { parseIperfJson } from '../../bench/iperf.js';
-import { BEGIN, END, bar, formatGbps, median, naText, renderBlock, renderChart, renderTable, renderTargets, replaceBlock, type BenchResults } from '../../bench/report.js';
+import { BEGIN, END, bar, formatGbps, median, naText, renderBlock, renderChart, renderRrDetail, renderTable, renderTargets, replaceBlock, type BenchResults } from '../../bench/report.js';
 import { summarize } from '../../bench/rr-stats.js';
 
 // `iperf3 -c 127.0.0.1 -p 5998 -t 1 -O 1 -J -R` (iperf 3.12, loopback, this machine), trimmed to
@@ -97,6 +97,32 @@ describe('renderTable', () => {
     const t = renderTable(r);
     expect(t.split('\n')[0]).toBe('| stack | MTU 65520 up, Gbit/s | MTU 65520 down, Gbit/s | 1-byte TCP_RR, median µs (MTU 65520) |');
     expect(t).toContain('| tender | 2.00 | 0.50 | n/a (TCP_RR: ECONNREFUSED) |');
+  });
+});
+
+describe('renderRrDetail', () => {
+  it('shows the median, the warm-up median and the stack CPU per round trip, medians over runs', () => {
+    const r = results();
+    const rr = r.cells.find((c) => c.stack === 'tender' && c.mtu === 1500 && c.kind === 'rr')!;
+    rr.detail = [
+      { medianUs: 150, warmupMedianUs: 300, stackCpuUs: 40 },
+      { medianUs: 151, warmupMedianUs: 250, stackCpuUs: 42.5 },
+      null,
+    ];
+    expect(renderRrDetail(r)).toBe(
+      [
+        '| stack (TCP_RR, MTU 1500) | median µs | warm-up median µs | stack CPU µs per round trip |',
+        '| --- | ---: | ---: | ---: |',
+        '| veth | 61.2 | – | – |',
+        '| tender | 151 | 275 | 41.3 |',
+      ].join('\n'),
+    );
+    expect(renderBlock(r)).toContain('| tender | 151 | 275 | 41.3 |');
+  });
+
+  it('is empty for results that carry no details (older runs)', () => {
+    expect(renderRrDetail(results())).toBe('');
+    expect(renderBlock(results())).not.toContain('warm-up median');
   });
 });
 

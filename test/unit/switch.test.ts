@@ -91,6 +91,39 @@ describe('Switch', () => {
     expect(sw.macTable().find((e) => e.mac === '02:00:00:00:00:0b')!.port).toBe(3);
   });
 
+  it('stays correct when a MAC it has cached for a port moves, comes back, or loses its port', () => {
+    // Each port remembers the last source and destination it saw (switch.ts): repeat traffic
+    // from p1 to B, then change the table under that cache.
+    const port3 = sw.addPort(new ChannelLink('p4'));
+    const l4 = port3.link as ChannelLink;
+    p2.inject(frame(BROADCAST_MAC, B));
+    takeAll();
+    p1.inject(frame(B, A));
+    p1.inject(frame(B, A));
+    expect(counts()).toEqual([0, 2, 0]);
+    takeAll();
+    l4.inject(frame(BROADCAST_MAC, B)); // B moves to the fourth port
+    takeAll();
+    l4.take();
+    p1.inject(frame(B, A));
+    expect(counts()).toEqual([0, 0, 0]);
+    expect(l4.out.length).toBe(1);
+    l4.take();
+    // A shows up behind p3, then talks from p1 again: learned back on p1.
+    p3.inject(frame(BROADCAST_MAC, A));
+    expect(sw.macTable().find((e) => e.mac === '02:00:00:00:00:0a')!.port).toBe(3);
+    takeAll();
+    l4.take();
+    p1.inject(frame(B, A));
+    expect(sw.macTable().find((e) => e.mac === '02:00:00:00:00:0a')!.port).toBe(1);
+    l4.take();
+    // The port B sits behind goes away: B is unknown again and frames to it are flooded.
+    port3.remove();
+    p1.inject(frame(B, A));
+    expect(counts()).toEqual([0, 1, 1]);
+    expect(l4.out.length).toBe(0);
+  });
+
   it('ages entries out after 300 s and floods again', () => {
     p2.inject(frame(BROADCAST_MAC, B));
     takeAll();

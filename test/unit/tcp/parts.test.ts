@@ -117,6 +117,22 @@ describe('TCP engine parts', () => {
     expect(r.ensure(2 << 20)).toBe(false);
   });
 
+  it('byte ring copies small and large ranges across the wrap point alike', () => {
+    // copyOut has a byte loop for a few bytes and subarray copies above: both must wrap.
+    const r = new ByteRing(1 << 20);
+    r.append(new Uint8Array(4000));
+    r.consume(4000 - 20); // head near the end of the 4096 ring
+    r.consume(20);
+    const data = Uint8Array.from({ length: 200 }, (_, i) => i);
+    r.append(data); // starts at 4000: wraps after 96 bytes
+    for (const [pos, n] of [[0, 1], [90, 12], [95, 2], [60, 33], [0, 200], [80, 40]] as const) {
+      const out = new Uint8Array(n + 2).fill(0xee);
+      r.copyOut(pos, n, out, 1);
+      expect([...out]).toEqual([0xee, ...data.slice(pos, pos + n), 0xee]);
+    }
+    expect([...r.read(5)]).toEqual([0, 1, 2, 3, 4]);
+  });
+
   it('scoreboard: loss by RFC 6675 IsLost, pipe, next lost hole', () => {
     const sb = new Scoreboard();
     const mss = 100;
