@@ -77,13 +77,14 @@ H=/mnt/host
 mkdir -p $H
 mount -t 9p -o trans=virtio,version=9p2000.L,ro host $H || echo "USB-T 9p=failed"
 for d in proc sys dev; do mount --rbind /$d $H/$d; done
-mount -t tmpfs tmpfs $H/tmp
+# Writable scratch in the chroot is /run only: a tmpfs over /tmp would hide a checkout that
+# lives under /tmp (CI clones there), and with it the script to run.
 mount -t tmpfs tmpfs $H/run
 serve() {
-  rm -f $H/tmp/ready
-  chroot $H /usr/bin/node "$SERVE_JS" "$BUSID" 3240 /tmp/ready &
+  rm -f $H/run/ready
+  chroot $H /usr/bin/node "$SERVE_JS" "$BUSID" 3240 /run/ready &
   SERVE=$!
-  i=0; while [ ! -e $H/tmp/ready ] && [ $i -lt 1200 ] && kill -0 $SERVE 2>/dev/null; do usleep 100000; i=$((i+1)); done
+  i=0; while [ ! -e $H/run/ready ] && [ $i -lt 1200 ] && kill -0 $SERVE 2>/dev/null; do usleep 100000; i=$((i+1)); done
 }
 vdisk() {
   DISK=; i=0
