@@ -3,8 +3,9 @@
 //
 // Receive: on each readiness wake-up, read up to `slots` frames into one pooled buffer
 // (slot i at i * slotSize; allocated once, reused for the object's life) with a read() loop
-// (TAP: one frame per read) or one recvmmsg (sockets), then make ONE call into JS:
-// onFrames(buffer, count, lengths). The buffer is only valid during that call.
+// (TAP: one frame per read; see loneFrames_ for when it stops early) or one recvmmsg
+// (sockets), then make ONE call into JS: onFrames(buffer, count, lengths). The buffer is only
+// valid during that call.
 // lengths[i] == TRUNCATED marks a datagram larger than the slot (MSG_TRUNC).
 //
 // Send: writeBatch(buf, offsets, lengths, count) writes frames in order (write() per frame
@@ -159,11 +160,16 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
     int err = 0;
     const char* syscall = socket_ ? "recvmmsg" : "read";
     if (!socket_) {
-      while (n < slots_) {
+      // Lone-frame mode (see loneFrames_): one read, unless this wake-up is a probe.
+      bool probe = !loneFrames_ || --probeIn_ == 0;
+      uint32_t budget = probe ? slots_ : 1;
+      bool drained = false;
+      while (n < budget) {
         ssize_t r = read(fd_, data_ + size_t(n) * slotSize_, slotSize_);
         if (r < 0) {
           if (errno == EINTR) continue;
           if (errno != EAGAIN && errno != EWOULDBLOCK) err = errno;
+          else drained = true;
           break;
         }
         if (r == 0) {
@@ -171,6 +177,13 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
           break;
         }
         lens_[n++] = uint32_t(r);
+      }
+      if (probe) {
+        // One small frame, then nothing: a request/response pattern. More than one: a burst.
+        loneFrames_ = drained && n == 1 && lens_[0] <= LONE_MAX_BYTES;
+        probeIn_ = LONE_PROBE_EVERY;
+      } else if (n == 1 && lens_[0] > LONE_MAX_BYTES) {
+        loneFrames_ = false;  // a full-sized frame: likely a bulk transfer starting
       }
     } else {
       int r = RecvBatch();
@@ -465,6 +478,18 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
   uint32_t slots_ = 0, slotSize_ = 0;
   bool socket_ = false, learnPeer_ = false, peerKnown_ = false;
   bool reading_ = true, writableArmed_ = false, closed_ = false, referenced_ = false;
+  // TAP only. A TUN read returns one frame and the device has no FIONREAD, so draining to
+  // EAGAIN costs one empty read() per wake-up: for a 1-byte round trip, where each wake-up
+  // brings exactly one frame, that is a third of the TAP's syscalls. While wake-ups bring
+  // lone frames we read one frame and return to the loop: epoll is level-triggered, so a
+  // frame left behind wakes us again at once (one epoll_wait instead of one read). Every
+  // LONE_PROBE_EVERY-th wake-up drains as before, to notice a burst and go back to
+  // batching (bulk transfers bring many frames per wake-up), and so does the wake-up after
+  // a frame above LONE_MAX_BYTES (bulk data; an upload must not pay a loop turn per frame).
+  static constexpr uint32_t LONE_PROBE_EVERY = 8;
+  static constexpr uint32_t LONE_MAX_BYTES = 512;
+  bool loneFrames_ = false;
+  uint32_t probeIn_ = 0;
   std::string peer_;
   uint8_t* data_ = nullptr;
   uint32_t* lens_ = nullptr;

@@ -241,6 +241,18 @@ describe('SystemClock', () => {
     expect(log).toEqual(['early', 'late']);
   });
 
+  it('reads the clock once per callback: time stands still until the next microtask checkpoint', async () => {
+    clock = new SystemClock();
+    const a = clock.now();
+    const spinUntil = performance.now() + 2;
+    while (performance.now() < spinUntil) {
+      /* let real time pass within one synchronous stretch */
+    }
+    expect(clock.now()).toBe(a);
+    await null;
+    expect(clock.now()).toBeGreaterThan(a);
+  });
+
   it('re-arms from inside a callback', async () => {
     clock = new SystemClock();
     const c = clock;
