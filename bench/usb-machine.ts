@@ -49,6 +49,7 @@ import { findVhostVsock } from '../src/vmm/vhost-vsock.js';
 import { cpuNs } from './proc.js';
 import { repoRoot } from './stacks.js';
 import { fmt, loopbackBench, markdownTable, type LoopbackResult } from './usb.js';
+import { CLI, tender } from './cli.js';
 
 const { values: opt } = parseArgs({
   options: {
@@ -68,7 +69,7 @@ const log = (s: string) => process.stderr.write(`[usb-machine] ${s}\n`);
 
 type Transport = 'tcp' | 'vsock';
 const root = repoRoot();
-const cli = join(root, 'dist/src/cli.js');
+const cli = CLI;
 
 interface Workload {
   name: string;
@@ -156,23 +157,6 @@ interface TransportResult {
   loadBefore: number[];
   loadAfter: number[];
   rows: MachineRow[];
-}
-
-function tender(env: NodeJS.ProcessEnv, args: string[], timeoutMs = 300_000, stdin?: Buffer): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [cli, ...args], { env, stdio: [stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout!.on('data', (d) => (out += d));
-    p.stderr!.on('data', (d) => (err += d));
-    if (stdin) p.stdin!.end(stdin);
-    const t = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-    p.on('close', (code) => {
-      clearTimeout(t);
-      if (code === 0) resolve(out);
-      else reject(new Error(`tender ${args.join(' ')}: exit ${code}: ${err.trim()}`));
-    });
-  });
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -271,7 +255,7 @@ async function measureTransport(env: NodeJS.ProcessEnv, home: string, daemonPid:
     const backend = want === 'vsock' ? pidWithArg(join(dir, 'vhost-user-vsock.sock')) : null;
     const pids = { daemon: daemonPid, backend, qemu };
     log(`${want}: pids: daemon ${daemonPid}, QEMU ${qemu}, vsock backend ${backend ?? 'none'}`);
-    await tender(env, ['machine', 'exec', name, '--', 'sh', '-c', 'cat > /tmp/dioread && chmod +x /tmp/dioread'], 60_000, dioread);
+    await tender(env, ['machine', 'exec', name, '--', 'sh', '-c', 'cat > /tmp/dioread && chmod +x /tmp/dioread'], { timeoutMs: 60_000, stdin: dioread });
 
     await tender(env, ['usb', 'attach', name, 'benchdisk']);
     const sectors = String(IMAGE_MIB * 2048);

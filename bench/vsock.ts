@@ -30,6 +30,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { buildDefaultImage } from '../src/image/default-image.js';
 import { repoRoot } from './stacks.js';
+import { CLI, tender } from './cli.js';
 
 const HOST_ALIAS = '192.168.127.254';
 const PORTS = { up: 5201, down: 5202, rr: 5203 } as const;
@@ -49,7 +50,7 @@ const RR = Number(opt.rr);
 const log = (s: string) => process.stderr.write(`${s}\n`);
 
 const root = repoRoot();
-const cli = join(root, 'dist/src/cli.js');
+const cli = CLI;
 const vsperf = join(root, 'build/agent/tender-vsperf');
 
 /** One measurement's outcome, reported by the host-side handler when its connection ends. */
@@ -107,18 +108,6 @@ function handle(w: Workload, sock: net.Socket): void {
   sock.on('error', () => {});
 }
 
-function tender(env: NodeJS.ProcessEnv, args: string[], stdin?: Buffer): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [cli, ...args], { env, stdio: [stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout!.on('data', (d) => (out += d));
-    p.stderr!.on('data', (d) => (err += d));
-    if (stdin) p.stdin!.end(stdin);
-    p.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`tender ${args.join(' ')}: exit ${code}: ${err.trim()}`))));
-  });
-}
-
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function main(): Promise<void> {
@@ -138,7 +127,7 @@ async function main(): Promise<void> {
     const m = JSON.parse(await tender(env, ['machine', 'create', 'bench', '--memory', '512', '--start', '--json']));
     if (!/\(vsock via/.test(m.agent)) throw new Error(`the machine's agent is not on vsock: ${m.agent}`);
     const dir = join(home, 'machines', 'bench');
-    await tender(env, ['machine', 'exec', 'bench', '--', 'sh', '-c', 'cat > /tmp/vsperf && chmod +x /tmp/vsperf'], readFileSync(vsperf));
+    await tender(env, ['machine', 'exec', 'bench', '--', 'sh', '-c', 'cat > /tmp/vsperf && chmod +x /tmp/vsperf'], { stdin: readFileSync(vsperf) });
 
     const tcpPort: Record<Workload, number> = { up: 0, down: 0, rr: 0 };
     for (const w of Object.keys(PORTS) as Workload[]) {

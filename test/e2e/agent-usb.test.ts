@@ -22,31 +22,15 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { AgentClient, AgentError } from '../../src/agent/client.js';
 import { AgentErrorCode } from '../../src/agent/protocol.js';
 import { cpioNewc } from '../../src/image/cpio.js';
-import { type DefaultImage, ImageUnavailableError, buildDefaultImage, readDefaultImage } from '../../src/image/default-image.js';
 import { FileBackend } from '../../usb/devices/scsi.js';
 import { StorageDevice } from '../../usb/devices/storage.js';
 import { UsbIpServer } from '../../usb/server.js';
 import { collect, ensureAgentBuilt, until } from '../helpers/agent.js';
 import { spawnImageWithAgent } from '../helpers/agent-guest.js';
-import { hasCommand } from '../helpers/netns.js';
+import { defaultImageFor } from '../helpers/cli.js';
 
-const HOME = process.env.TENDER_TEST_IMAGE_HOME || '/var/tmp/tender-test-image';
 
-async function availability(): Promise<{ image: DefaultImage } | { why: string }> {
-  if (!(await hasCommand('qemu-system-x86_64'))) return { why: 'qemu-system-x86_64 missing' };
-  // Any installed default image will do: the agent under test rides in our own archive.
-  const have = readDefaultImage(HOME);
-  if (have) return { image: have };
-  try {
-    return { image: await buildDefaultImage({ home: HOME }) };
-  } catch (e) {
-    if (e instanceof ImageUnavailableError) return { why: e.message };
-    throw e;
-  }
-}
-const avail = await availability();
-const why = 'why' in avail ? avail.why : null;
-if (why) console.warn(`agent-usb: skipped: ${why}`);
+const { image: defaultImage, why } = await defaultImageFor('agent-usb', { anyInstalled: true });
 
 const DEVID = (99 << 16) | 1;
 const USB_SPEED_HIGH = 3;
@@ -102,7 +86,7 @@ describe.skipIf(why !== null)('USB attach and detach through the guest agent', (
 
   beforeAll(async () => {
     if (why) return;
-    const image = (avail as { image: DefaultImage }).image;
+    const image = defaultImage!;
     original = Buffer.alloc(1024 * 1024);
     for (let i = 0; i < original.length; i += 4) original.writeUInt32LE((i * 2654435761) >>> 0, i);
     fs.writeFileSync(imgPath, original);

@@ -17,29 +17,14 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { DatagramLink } from '../../netstack/link/datagram.js';
 import { Network } from '../../netstack/network.js';
-import { type DefaultImage, ImageUnavailableError, buildDefaultImage } from '../../src/image/default-image.js';
 import type { MachineSpec, VmmInstance } from '../../src/vmm/driver.js';
 import { QemuDriver, VmmStartError } from '../../src/vmm/qemu.js';
-import { hasCommand } from '../helpers/netns.js';
+import { defaultImageFor } from '../helpers/cli.js';
 
-const HOME = process.env.TENDER_TEST_IMAGE_HOME || '/var/tmp/tender-test-image';
 const MAC = '52:54:00:7e:57:01';
 const HOSTNAME = 'boot-t';
 
-async function availability(): Promise<{ image: DefaultImage } | { why: string }> {
-  if (!(await hasCommand('qemu-system-x86_64'))) return { why: 'qemu-system-x86_64 missing (apt-get install qemu-system-x86)' };
-  try {
-    return { image: await buildDefaultImage({ home: HOME }) };
-  } catch (e) {
-    if (e instanceof ImageUnavailableError) return { why: e.message };
-    throw e;
-  }
-}
-
-const avail = await availability();
-const why = 'why' in avail ? avail.why : null;
-if (why && process.env.TENDER_TEST_REQUIRE_GUEST === '1') throw new Error(`TENDER_TEST_REQUIRE_GUEST=1 but no default image: ${why}`);
-if (why) console.warn(`machine-boot: skipped: ${why}`);
+const { image: defaultImage, why } = await defaultImageFor('machine-boot');
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -72,7 +57,7 @@ function parseHello(b: Buffer): { version: number; agent: string; kernel: string
 }
 
 describe.skipIf(why !== null)(`default image on QEMU (TCG)${why ? ` (skipped: ${why})` : ''}`, () => {
-  const image = (avail as { image: DefaultImage }).image;
+  const image = defaultImage!;
   const driver = new QemuDriver();
   let dir: string;
   let network: Network;

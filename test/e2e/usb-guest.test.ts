@@ -22,27 +22,14 @@ import * as path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { cpioNewc } from '../../src/image/cpio.js';
-import { type DefaultImage, ImageUnavailableError, buildDefaultImage } from '../../src/image/default-image.js';
 import { FileBackend } from '../../usb/devices/scsi.js';
 import { StorageDevice } from '../../usb/devices/storage.js';
 import { UsbIpServer } from '../../usb/server.js';
-import { hasCommand } from '../helpers/netns.js';
+import { defaultImageFor } from '../helpers/cli.js';
 import { qemuArgs } from '../helpers/guest/qemu.js';
 
-const HOME = process.env.TENDER_TEST_IMAGE_HOME || '/var/tmp/tender-test-image';
 
-async function availability(): Promise<{ image: DefaultImage } | { why: string }> {
-  if (!(await hasCommand('qemu-system-x86_64'))) return { why: 'qemu-system-x86_64 missing' };
-  try {
-    return { image: await buildDefaultImage({ home: HOME }) };
-  } catch (e) {
-    if (e instanceof ImageUnavailableError) return { why: e.message };
-    throw e;
-  }
-}
-const avail = await availability();
-const why = 'why' in avail ? avail.why : null;
-if (why) console.warn(`usb-guest: skipped: ${why}`);
+const { image: defaultImage, why } = await defaultImageFor('usb-guest');
 
 const DEVID1 = (99 << 16) | 1;
 const DEVID2 = (99 << 16) | 2;
@@ -116,7 +103,7 @@ describe.skipIf(why !== null)('vhci-hcd in a guest imports the virtual disk', ()
 
   beforeAll(async () => {
     if (why) return;
-    const image = (avail as { image: DefaultImage }).image;
+    const image = defaultImage!;
     original = Buffer.alloc(1024 * 1024);
     for (let i = 0; i < original.length; i += 4) original.writeUInt32LE((i * 2654435761) >>> 0, i);
     fs.writeFileSync(imgPath, original);

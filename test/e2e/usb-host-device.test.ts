@@ -25,27 +25,13 @@ import * as path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { cpioNewc } from '../../src/image/cpio.js';
-import { type DefaultImage, ImageUnavailableError, buildDefaultImage } from '../../src/image/default-image.js';
 import { QmpClient } from '../../src/vmm/qmp.js';
-import { hasCommand } from '../helpers/netns.js';
+import { defaultImageFor } from '../helpers/cli.js';
 import { qemuArgs } from '../helpers/guest/qemu.js';
 import { compileServeScript, xhciModules } from '../helpers/usb-host-guest.js';
 
-const HOME = process.env.TENDER_TEST_IMAGE_HOME || '/var/tmp/tender-test-image';
 
-async function availability(): Promise<{ image: DefaultImage } | { why: string }> {
-  if (!(await hasCommand('qemu-system-x86_64'))) return { why: 'qemu-system-x86_64 missing' };
-  if (!fs.existsSync('/usr/sbin/usbip')) return { why: 'usbip (Debian package usbip) missing' };
-  try {
-    return { image: await buildDefaultImage({ home: HOME }) };
-  } catch (e) {
-    if (e instanceof ImageUnavailableError) return { why: e.message };
-    throw e;
-  }
-}
-const avail = await availability();
-const why = 'why' in avail ? avail.why : null;
-if (why) console.warn(`usb-host-device: skipped: ${why}`);
+const { image: defaultImage, why } = await defaultImageFor('usb-host-device', { extra: () => (fs.existsSync('/usr/sbin/usbip') ? null : 'usbip (Debian package usbip) missing') });
 
 // The guest's /init. The host's root is at $H; everything tender runs comes from there.
 // USB-T lines are results; USB-S lines come from the serve script.
@@ -160,7 +146,7 @@ describe.skipIf(why !== null)('a real USB device served by tender from inside a 
 
   beforeAll(async () => {
     if (why) return;
-    const image = (avail as { image: DefaultImage }).image;
+    const image = defaultImage!;
     original = Buffer.alloc(4 * 1024 * 1024);
     for (let i = 0; i < original.length; i += 4) original.writeUInt32LE((i * 2654435761 + 12345) >>> 0, i);
     fs.writeFileSync(imgPath, original);

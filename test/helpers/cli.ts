@@ -5,7 +5,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { buildDefaultImage } from '../../src/image/default-image.js';
+import { type DefaultImage, ImageUnavailableError, buildDefaultImage, readDefaultImage } from '../../src/image/default-image.js';
 import { hasCommand, isRoot, run, waitFor } from './netns.js';
 
 export const ROOT = new URL('../..', import.meta.url).pathname;
@@ -85,4 +85,31 @@ export async function prepareHome(home: string): Promise<void> {
   const img = await buildDefaultImage({ home: IMAGE_HOME });
   await run('mkdir', ['-p', join(home, 'images')]);
   await run('cp', ['-a', img.dir, join(home, 'images', 'default')]);
+}
+
+/**
+ * The default image, for tests that boot it themselves (without the daemon), or why they
+ * cannot: a skip, printed with `test`'s name; an error under TENDER_TEST_REQUIRE_GUEST=1 (CI).
+ * `anyInstalled`: an image already built will do even if its inputs changed since (tests whose
+ * guest code rides in their own archive).
+ */
+export async function defaultImageFor(
+  test: string,
+  o: { extra?: () => string | null | Promise<string | null>; anyInstalled?: boolean } = {},
+): Promise<{ image: DefaultImage; why: null } | { image: null; why: string }> {
+  let why: string | null = null;
+  let image: DefaultImage | null = null;
+  if (!(await hasCommand('qemu-system-x86_64'))) why = 'qemu-system-x86_64 missing (apt-get install qemu-system-x86)';
+  else why = (await o.extra?.()) ?? null;
+  if (!why) {
+    try {
+      image = (o.anyInstalled ? readDefaultImage(IMAGE_HOME) : null) ?? (await buildDefaultImage({ home: IMAGE_HOME }));
+    } catch (e) {
+      if (!(e instanceof ImageUnavailableError)) throw e;
+      why = e.message;
+    }
+  }
+  if (why && process.env.TENDER_TEST_REQUIRE_GUEST === '1') throw new Error(`TENDER_TEST_REQUIRE_GUEST=1 but ${test} cannot run: ${why}`);
+  if (why) console.warn(`${test}: skipped: ${why}`);
+  return why ? { image: null, why } : { image: image!, why: null };
 }
