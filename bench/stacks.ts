@@ -17,9 +17,9 @@
  * `target` is the address the guest dials; `bind` is where the host-side servers listen.
  */
 import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { must, run, startDaemon, waitFor, type Daemon } from './proc.js';
+import { packageRoot } from '../native/index.js';
 
 export const STACK_NAMES = ['veth', 'slirp4netns', 'pasta', 'tender'] as const;
 export type StackName = (typeof STACK_NAMES)[number];
@@ -44,12 +44,8 @@ export interface Stack {
   start(ns: string, mtu: number): Promise<Running>;
 }
 
-/** Repository root: dist/bench/stacks.js -> ../..; bench/stacks.ts (vitest) -> .. */
-export function repoRoot(): string {
-  let d = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(d, 'package.json')) && dirname(d) !== d) d = dirname(d);
-  return d;
-}
+/** Repository root (from dist/bench/ or, under vitest, bench/). */
+export const repoRoot = packageRoot;
 
 /** Resolves once `ifname` in `ns` has an IPv4 address and the namespace has a route to `target`. */
 async function waitConfigured(ns: string, ifname: string, target: string, daemon: Daemon | null, ms = 10_000): Promise<void> {

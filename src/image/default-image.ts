@@ -13,7 +13,6 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
 import { type CpioEntry, cpioNewc } from './cpio.js';
 import {
@@ -29,6 +28,7 @@ import {
 import { INIT_SCRIPT, UDHCPC_SCRIPT } from './init-script.js';
 import { resolveModules } from './kmod.js';
 import { configHasPvh, extractVmlinux } from './vmlinux.js';
+import { packageRoot } from '../../native/index.js';
 
 export { ImageUnavailableError } from './debian.js';
 
@@ -98,16 +98,6 @@ export interface BuildOptions {
 
 export function defaultImageDir(home: string): string {
   return path.join(home, 'images', 'default');
-}
-
-/** The package root (where package.json is), from this module's location in src/ or dist/src/. */
-function packageRoot(): string {
-  let d = path.dirname(fileURLToPath(import.meta.url));
-  for (let i = 0; i < 6; i++) {
-    if (fs.existsSync(path.join(d, 'package.json'))) return d;
-    d = path.dirname(d);
-  }
-  return process.cwd();
 }
 
 export function defaultAgentPath(): string {

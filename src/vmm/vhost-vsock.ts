@@ -14,17 +14,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import net from 'node:net';
 import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
-
-/** The package root (where package.json is), from this module's location in src/ or dist/src/. */
-function packageRoot(): string {
-  let d = path.dirname(fileURLToPath(import.meta.url));
-  for (let i = 0; i < 6; i++) {
-    if (fs.existsSync(path.join(d, 'package.json'))) return d;
-    d = path.dirname(d);
-  }
-  return process.cwd();
-}
+import { packageRoot } from '../../native/index.js';
 
 /** Where `make -C native/vhost-vsock` puts the helper ($TENDER_VHOST_VSOCK_BINARY overrides). */
 export function defaultVhostVsockPath(): string {
