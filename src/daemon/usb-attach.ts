@@ -27,6 +27,8 @@ import { UsbVsock } from './usb-vsock.js';
 export const USBIP_PORT = 3240;
 
 /** What the manager needs of the machines (MachineManager; a stand-in in unit tests). */
+export type UsbTransportKind = 'tcp' | 'vsock';
+
 export type UsbMachines = Pick<MachineManager, 'inspect' | 'list' | 'agentOf'> & Partial<Pick<MachineManager, 'vsockEndpoint'>>;
 
 /** End whatever connection has imported `busid`, keeping the device offered. */
@@ -39,7 +41,8 @@ export function kick(server: UsbIpServer, busid: string): void {
 
 export class Attachments {
   /** device id → the guest's vhci port */
-  private readonly ports = new Map<string, number>();
+  /** What each imported device is in the guest: its vhci port, and what carries its USB/IP. */
+  private readonly imports = new Map<string, { port: number; transport: UsbTransportKind }>();
   /** Devices an import is running for (a restore and a hotplug may race for the same one). */
   private readonly importing = new Set<string>();
   /** Machines whose VMM stopped since their agent last said hello. */
@@ -92,7 +95,12 @@ export class Attachments {
 
   /** The guest's vhci port of device `id` while attached and imported. */
   portOf(id: string): number | null {
-    return this.ports.get(id) ?? null;
+    return this.imports.get(id)?.port ?? null;
+  }
+
+  /** What carries device `id`'s USB/IP while imported: vsock, or TCP through the network. */
+  transportOf(id: string): UsbTransportKind | null {
+    return this.imports.get(id)?.transport ?? null;
   }
 
   machineUp(machine: string): boolean {
@@ -150,7 +158,7 @@ export class Attachments {
     this.o.store.save();
     const state = this.stateOf(machine);
     if (state !== 'running' && state !== 'starting') return; // imported when its agent connects
-    if (this.o.server.inUse(d.busid) && this.ports.has(d.id)) return;
+    if (this.o.server.inUse(d.busid) && this.imports.has(d.id)) return;
     // A starting machine whose agent has not said hello yet: its hello restores the attachment.
     await this.importInto(machine, d, state === 'starting' ? 0 : undefined).catch((err: TenderError) => {
       if (state !== 'starting' || err.code !== 'AGENT_UNAVAILABLE') throw err;
@@ -164,10 +172,18 @@ export class Attachments {
       const agent = await this.o.machines.agentOf(machine, agentWaitMs);
       if (!agent.usbAttach) throw new TenderError('AGENT_UNAVAILABLE', 'this guest agent cannot attach USB devices');
       const gw = ip4str(this.o.network.config.gatewayIp);
-      const r = await this.vsock.attach(machine, { host: gw, port: USBIP_PORT }, (t) => agent.usbAttach!({ ...t, busid: d.busid })).catch((err: Error) => {
-        throw new TenderError('USB_ATTACH_FAILED', `attaching ${d.id} to "${machine}": ${err.message}`);
-      });
-      this.ports.set(d.id, r.port);
+      const tcp = { host: gw, port: USBIP_PORT };
+      let transport: UsbTransportKind = 'tcp';
+      const r = await this.vsock
+        .attach(machine, tcp, (t) => {
+          // The last try is what carries it (vsock, or TCP when an older agent refused vsock).
+          transport = t === tcp ? 'tcp' : 'vsock';
+          return agent.usbAttach!({ ...t, busid: d.busid });
+        })
+        .catch((err: Error) => {
+          throw new TenderError('USB_ATTACH_FAILED', `attaching ${d.id} to "${machine}": ${err.message}`);
+        });
+      this.imports.set(d.id, { port: r.port, transport });
       this.o.events.publish({ type: 'usb.attached', machine, device: d.id });
     } finally {
       this.importing.delete(d.id);
@@ -187,8 +203,8 @@ export class Attachments {
     if (!a || a.machine !== machine) throw new TenderError('USB_DEVICE_NOT_FOUND', `${device} is not attached to "${machine}"`);
     this.o.store.state.attachments = this.o.store.state.attachments.filter((x) => x !== a);
     this.o.store.save();
-    const port = this.ports.get(id);
-    this.ports.delete(id);
+    const port = this.imports.get(id)?.port;
+    this.imports.delete(id);
     if (port !== undefined) {
       try {
         const agent = await this.o.machines.agentOf(machine, 2000);
@@ -229,7 +245,7 @@ export class Attachments {
     this.vsock.close(machine);
     for (const a of this.o.store.state.attachments) {
       if (a.machine !== machine) continue;
-      this.ports.delete(a.device);
+      this.imports.delete(a.device);
       if (this.o.host.present.has(a.device)) void this.o.host.syncLogged(a.device);
     }
   }
@@ -237,7 +253,7 @@ export class Attachments {
   /** The host device at this busid is gone: its attachment ends; bindings and rules stay. */
   unplugged(info: HostDeviceInfo): void {
     const a = this.o.store.attachmentOf(info.busid);
-    this.ports.delete(info.busid);
+    this.imports.delete(info.busid);
     if (!a) return;
     this.o.store.state.attachments = this.o.store.state.attachments.filter((x) => x !== a);
     this.o.store.save();

@@ -61,6 +61,8 @@ export interface UsbDeviceInfo {
   machine: string | null;
   /** The guest's vhci port while attached and imported. */
   port: number | null;
+  /** What carries the device to the machine while imported: 'vsock' or 'tcp' (through the network). */
+  transport: 'tcp' | 'vsock' | null;
   /** The first auto-attach rule matching this device, or null. */
   policy: string | null;
 }
@@ -143,6 +145,7 @@ export class UsbManager {
       shared,
       machine: a?.machine ?? null,
       port: this.attachments.portOf(d.id),
+      transport: this.attachments.transportOf(d.id),
       policy: this.policies.policyFor(d)?.id ?? null,
     };
     if (d.kind === 'host') {

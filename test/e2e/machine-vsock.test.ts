@@ -87,6 +87,7 @@ describe.skipIf(why !== null)('a machine with its agent on vsock (vhost-user bac
     await importDisk();
     expect(existsSync(join(home, 'machines', 'v', 'vsock_3240'))).toBe(true);
     expect(await tcpToUsbip('v')).toBe(0);
+    expect(JSON.parse(await ok(['usb', 'ls', '--json'])).find((d: { name: string }) => d.name === 'stick')).toMatchObject({ machine: 'v', transport: 'vsock' });
     await ok(['usb', 'detach', 'v', 'stick']);
     await waitFor(async () => (await ok(['machine', 'exec', 'v', '--', 'sh', '-c', 'ls /sys/block | grep -c sd || true'])).trim() === '0', 20_000);
   }, 120_000);
@@ -105,6 +106,7 @@ describe.skipIf(why !== null)('a machine with its agent on vsock (vhost-user bac
     // USB/IP goes over TCP to the gateway then.
     await importDisk();
     expect(await tcpToUsbip('v')).toBe(1);
+    expect(JSON.parse(await ok(['usb', 'ls', '--json'])).find((d: { name: string }) => d.name === 'stick')).toMatchObject({ machine: 'v', transport: 'tcp' });
     await ok(['usb', 'detach', 'v', 'stick']);
     await ok(['machine', 'stop', 'v']);
   }, 240_000);

@@ -187,7 +187,7 @@ describe('USB manager: host devices, rules, sharing', () => {
     expect(src.openNow.size).toBe(0);
 
     const d = await usb.attach('a', '0781:5567');
-    expect(d).toMatchObject({ id: '1-2', state: 'attached', machine: 'a', port: 0, policy: null });
+    expect(d).toMatchObject({ id: '1-2', state: 'attached', machine: 'a', port: 0, transport: 'tcp', policy: null });
     expect(src.openNow.has('1-2')).toBe(true);
     expect(machines.importsOf('a')).toEqual(['1-2']);
     expect(events).toMatchObject([{ type: 'usb.attached', machine: 'a', device: '1-2' }]);
@@ -195,7 +195,7 @@ describe('USB manager: host devices, rules, sharing', () => {
     await usb.detach('a', '1-2');
     await until(() => machines.imports.size === 0, 'the import to end');
     expect(src.openNow.size).toBe(0);
-    expect(usb.list()[0]).toMatchObject({ state: 'available', machine: null, port: null });
+    expect(usb.list()[0]).toMatchObject({ state: 'available', machine: null, port: null, transport: null });
     expect(events.at(-1)).toMatchObject({ type: 'usb.detached', machine: 'a', device: '1-2' });
   });
 
