@@ -29,10 +29,12 @@ import { NeighborCache } from './neighbors.js';
 /** A transport protocol handler (UDP, TCP). */
 export interface TransportHandler {
   /**
-   * One packet (borrowed). `ip` is the validated, reassembled IPv4 packet; `csumOk` says the
-   * device already vouched for the transport checksum (offload), so it need not be verified.
+   * One packet (borrowed, like `ip` itself: the gateway reuses the view for the next packet).
+   * `ip` is the validated, reassembled IPv4 packet; `frame` the Ethernet frame it arrived in
+   * (the sender's MAC at offset 6); `csumOk` says the device already vouched for the
+   * transport checksum (offload), so it need not be verified.
    */
-  input(ip: Ipv4Packet, srcMac: Uint8Array, csumOk: boolean): void;
+  input(ip: Ipv4Packet, frame: Uint8Array, csumOk: boolean): void;
   /** End of a received batch. */
   flush?(): void;
 }
@@ -155,8 +157,8 @@ export class Gateway implements Link {
 
   private input(frame: Uint8Array): void {
     const c = this.o.counters;
-    const eth = EthernetFrame.check(frame);
-    if (eth === null) {
+    // Read in place rather than through an EthernetFrame view: no object per frame.
+    if (frame.length < ETH_HLEN) {
       c.inc('eth.drop.truncated');
       return;
     }
@@ -166,16 +168,17 @@ export class Gateway implements Link {
       c.inc('eth.not_for_us');
       return;
     }
-    if (eth.tagged) {
+    const etherType = (frame[12]! << 8) | frame[13]!;
+    if (etherType === EtherType.VLAN || etherType === EtherType.QinQ) {
       c.inc('eth.drop.vlan_tagged');
       return;
     }
-    switch (eth.etherType) {
+    switch (etherType) {
       case EtherType.ARP:
-        this.arpInput(eth);
+        this.arpInput(new EthernetFrame(frame));
         return;
       case EtherType.IPv4:
-        this.ipv4Input(eth);
+        this.ipv4Input(frame);
         return;
       case EtherType.IPv6:
         c.inc('eth.drop.ipv6_unsupported');
@@ -225,13 +228,32 @@ export class Gateway implements Link {
     this.emit(b.subarray(0, 60));
   }
 
-  private ipv4Input(eth: EthernetFrame): void {
+  private ipv4Input(frame: Uint8Array): void {
     const c = this.o.counters;
-    const checked = Ipv4Packet.check(eth.payload);
-    if (typeof checked === 'string') {
-      c.inc(`ipv4.drop.${checked}`);
+    const bytes = frame.subarray(ETH_HLEN);
+    const bad = Ipv4Packet.validate(bytes);
+    if (bad !== null) {
+      c.inc(`ipv4.drop.${bad}`);
       return;
     }
+    // One view object for every packet, unless a handler re-entered us (a link that answers
+    // synchronously) while the outer packet is still being handled.
+    const reuse = !this.rxIpBusy;
+    const checked = reuse ? this.rxIp : new Ipv4Packet(bytes);
+    checked.buf = bytes;
+    this.rxIpBusy = true;
+    try {
+      this.ipv4Dispatch(frame, checked);
+    } finally {
+      if (reuse) this.rxIpBusy = false;
+    }
+  }
+
+  private readonly rxIp = new Ipv4Packet(new Uint8Array(0));
+  private rxIpBusy = false;
+
+  private ipv4Dispatch(frame: Uint8Array, checked: Ipv4Packet): void {
+    const c = this.o.counters;
     let ip = checked;
     const src = ip.src;
     const dst = ip.dst;
@@ -255,7 +277,7 @@ export class Gateway implements Link {
     }
     // Glean the sender's MAC (it just proved where it lives), unless it is a DHCP client
     // without an address yet.
-    if (src !== 0 && inSubnet(this.subnet, src) && !this.owned.has(src)) this.neighbors.learn(src, eth.src);
+    if (src !== 0 && inSubnet(this.subnet, src) && !this.owned.has(src)) this.neighbors.learn(src, frame, 6);
     if (ip.isFragment) {
       const whole = this.reasm.add(ip);
       if (whole === null) return;
@@ -274,7 +296,7 @@ export class Gateway implements Link {
       return;
     }
     // Reassembled datagrams lose the per-frame offload state: verify those.
-    h.input(ip, eth.src, this.rxCsumOk && !checked.isFragment);
+    h.input(ip, frame, this.rxCsumOk && ip === checked);
   }
 
   private icmpInput(ip: Ipv4Packet): void {

@@ -58,22 +58,24 @@ export class NeighborCache {
   }
 
   /** Learn (or refresh) a mapping; flushes packets waiting for it. `mac` is borrowed. */
-  learn(ip: Ip4, mac: Uint8Array): void {
+  /** `mac` is read at `off` (the gateway passes the received frame: no view per packet). */
+  learn(ip: Ip4, mac: Uint8Array, off = 0): void {
     const now = this.o.clock.now();
     const e = this.entries.get(ip);
     if (e !== undefined) {
-      if (!macEq(e.mac, mac)) e.mac = mac.slice(0, 6);
+      if (!macEq(e.mac, mac, off)) e.mac = mac.slice(off, off + 6);
       e.expires = now + this.lifetimeMs;
     } else {
       if (this.entries.size >= this.maxEntries) this.evict(now);
-      this.entries.set(ip, { mac: mac.slice(0, 6), expires: now + this.lifetimeMs });
+      this.entries.set(ip, { mac: mac.slice(off, off + 6), expires: now + this.lifetimeMs });
     }
+    if (this.pending.size === 0) return;
     const p = this.pending.get(ip);
     if (p !== undefined) {
       this.pending.delete(ip);
       p.timer.cancel();
       for (const f of p.frames) {
-        f.set(mac.subarray(0, 6), 0);
+        f.set(mac.subarray(off, off + 6), 0);
         this.o.transmit(f);
       }
     }

@@ -13,10 +13,11 @@
  * after the whole poll phase, so frames produced by every descriptor that woke up together
  * (the TAP batch and, later, many NAT sockets) leave in one batch. It costs no latency: while
  * an immediate is pending libuv polls with a zero timeout, so the flush happens in the same
- * loop iteration. When the owner flushes first (the switch does at the end of every batch),
- * the immediate is cancelled: left pending it would cost one more non-blocking epoll_wait
- * and one more call into JS per event-loop turn, which is a measurable part of a 1-byte
- * round trip (two of them per round trip, one per direction).
+ * loop iteration. A link on a switch is not scheduled at all: the switch promises
+ * (`setCallerFlushes`) to flush every port it sent to at the end of each batch, and an
+ * immediate per burst (the Immediate object, its async resource, two calls into Node's C++
+ * to ref and unref the loop's idle handle) was a measurable part of a 1-byte round trip.
+ * When a flush comes first anyway, a pending immediate is cancelled.
  *
  * When the device is full (EAGAIN/ENOBUFS) the unsent frames stay queued and the link waits
  * for POLLOUT once (never retries in a loop: the ENOBUFS CPU spin seen with vfkit); past the
@@ -87,6 +88,8 @@ export abstract class FdFrameLink implements Link {
   /** The end-of-turn flush, while one is scheduled. */
   private immediate: NodeJS.Immediate | null = null;
   private waitingWritable = false;
+  /** The switch flushes us after every burst (setCallerFlushes): no end-of-turn immediate. */
+  private callerFlushes = false;
   private readonly flushNow = (): void => {
     this.immediate = null;
     this.flush();
@@ -241,7 +244,12 @@ export abstract class FdFrameLink implements Link {
     this.lens[this.pending] = len;
     this.pending++;
     this.dataEnd += len;
-    if (this.immediate === null && !this.waitingWritable) this.immediate = setImmediate(this.flushNow);
+    if (this.immediate === null && !this.waitingWritable && !this.callerFlushes) this.immediate = setImmediate(this.flushNow);
+  }
+
+  setCallerFlushes(on: boolean): void {
+    this.callerFlushes = on;
+    if (!on && this.pending > 0 && this.immediate === null && !this.waitingWritable) this.immediate = setImmediate(this.flushNow);
   }
 
   private writeVnetHdr(b: Uint8Array, off: number, meta: FrameMeta | undefined): void {

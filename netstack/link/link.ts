@@ -65,6 +65,12 @@ export interface Link {
    * its own end-of-tick flush. Links must still flush on their own when this is never called.
    */
   flush?(): void;
+  /**
+   * Optional: `on` = the caller promises to call flush() after every burst of send()s (the
+   * switch does, at the end of each ingress batch), so the link need not schedule its own
+   * end-of-turn flush; `false` withdraws the promise (the port was detached).
+   */
+  setCallerFlushes?(on: boolean): void;
   /** Stop moving frames and release the device. Idempotent. */
   close(): void;
   readonly stats: LinkStats;

@@ -289,6 +289,10 @@ export class CaptureLink implements Link {
     this.inner.flush?.();
   }
 
+  setCallerFlushes(on: boolean): void {
+    this.inner.setCallerFlushes?.(on);
+  }
+
   close(): void {
     this.inner.close();
   }

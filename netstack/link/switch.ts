@@ -111,6 +111,8 @@ export class Switch {
     const p = new PortImpl(this.nextId++, link, this);
     this.ports.push(p);
     link.attach(p);
+    // deliver() marks every port it sends to, and each batch ends in flushDirty().
+    link.setCallerFlushes?.(true);
     return p;
   }
 
@@ -265,6 +267,7 @@ export class Switch {
 
   private detach(p: PortImpl): void {
     p.removed = true;
+    p.link.setCallerFlushes?.(false);
     const i = this.ports.indexOf(p);
     if (i >= 0) this.ports.splice(i, 1);
     for (const [k, e] of this.table) {

@@ -65,7 +65,7 @@ export class UdpLayer implements TransportHandler {
     };
   }
 
-  input(ip: Ipv4Packet, srcMac: Uint8Array, csumOk = false): void {
+  input(ip: Ipv4Packet, frame: Uint8Array, csumOk = false): void {
     const c = this.counters;
     const src = ip.src;
     const dst = ip.dst;
@@ -74,7 +74,7 @@ export class UdpLayer implements TransportHandler {
       c.inc(`udp.drop.${u}`);
       return;
     }
-    const d: UdpDatagram = { srcIp: src, srcPort: u.srcPort, dstIp: dst, dstPort: u.dstPort, payload: u.payload, srcMac, ip };
+    const d: UdpDatagram = { srcIp: src, srcPort: u.srcPort, dstIp: dst, dstPort: u.dstPort, payload: u.payload, srcMac: frame.subarray(6, 12), ip };
     c.inc('udp.rx');
     let h = this.bound.get(UdpLayer.key(dst, u.dstPort));
     const local =

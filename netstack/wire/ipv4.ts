@@ -22,9 +22,15 @@ export const IPV4_MF = 0x2000;
 export type Ipv4DropReason = 'truncated' | 'bad_version' | 'bad_header_len' | 'bad_total_len' | 'bad_checksum';
 
 export class Ipv4Packet {
-  constructor(readonly buf: Uint8Array) {}
+  /** Writable so a receive path can reuse one view per packet (after `validate`). */
+  constructor(public buf: Uint8Array) {}
 
   static check(buf: Uint8Array, verifyChecksum = true): Ipv4Packet | Ipv4DropReason {
+    return Ipv4Packet.validate(buf, verifyChecksum) ?? new Ipv4Packet(buf);
+  }
+
+  /** What `check` verifies, without building the view: null when `buf` is a valid packet. */
+  static validate(buf: Uint8Array, verifyChecksum = true): Ipv4DropReason | null {
     if (buf.length < IPV4_HLEN) return 'truncated';
     if (buf[0]! >> 4 !== 4) return 'bad_version';
     const hl = (buf[0]! & 0x0f) * 4;
@@ -33,7 +39,7 @@ export class Ipv4Packet {
     if (tl < hl) return 'bad_total_len';
     if (tl > buf.length) return 'truncated';
     if (verifyChecksum && checksum(buf, 0, hl) !== 0) return 'bad_checksum';
-    return new Ipv4Packet(buf);
+    return null;
   }
 
   get headerLen(): number { return (this.buf[0]! & 0x0f) * 4; }
