@@ -210,7 +210,7 @@ export function renderBlock(r: BenchResults): string {
   return [
     `Run on ${r.date} (${Math.round(r.durationSeconds)} s in all). Machine: ${r.machine.cpu}, ${r.machine.cores} cores, Linux ${r.machine.kernel}${r.machine.tcpCongestion ? ` (TCP congestion control ${r.machine.tcpCongestion})` : ''}, Node ${r.machine.node}.`,
     `Tools: ${tools}.`,
-    `iperf3 \`-t ${o.seconds} -O ${o.omit}\`, ${o.repeat} run${o.repeat > 1 ? 's' : ''} per cell${o.repeat > 1 ? ' (median shown)' : ''}; TCP_RR: ${o.rrCount} sequential 1-byte round trips after ${o.rrWarmup ?? 100} warm-up round trips.${o.quick ? ' **Quick run (1-second iperf3 tests): a sanity check, not a measurement.**' : ''}`,
+    `iperf3 \`-t ${o.seconds} -O ${o.omit}\`, ${o.repeat} run${o.repeat > 1 ? 's' : ''} per cell${o.repeat > 1 ? ' (median shown)' : ''}; TCP_RR: ${o.rrCount} sequential 1-byte round trips after ${o.rrWarmup ?? 100} warm-up round trips${r.cells.some((c) => c.kind === 'rr' && (c.detail ?? []).some((d) => (d as { roundMediansUs?: unknown } | null)?.roundMediansUs !== undefined)) ? ', all stacks running at once, in alternating rounds' : ''}.${o.quick ? ' **Quick run (1-second iperf3 tests): a sanity check, not a measurement.**' : ''}`,
     'Numbers are noisy on this shared 2-core machine: compare stacks only within one run.',
     '',
     renderTable(r),

@@ -13,6 +13,8 @@ export interface RrStats {
   stackCpuUs?: number;
   /** Median of the warm-up round trips (not counted in the others). */
   warmupMedianUs?: number;
+  /** Interleaved runs (bench/run.ts): the median of each round, in run order. */
+  roundMediansUs?: number[];
 }
 
 export function summarize(samplesUs: ArrayLike<number>): RrStats {

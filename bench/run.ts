@@ -1,9 +1,10 @@
 /**
  * `npm run bench`: tender side by side with slirp4netns, pasta and a kernel veth pair, in one
  * run on one machine. For every stack and MTU: a fresh network namespace as the guest, the
- * stack started against it, then iperf3 upload (guest -> host), download (-R) and a 1-byte TCP
- * round trip to servers on the host reached through the stack's host address; then the stack
- * and the namespace are removed. A cell that fails records "n/a (why)" and the run goes on.
+ * stack started against it, then iperf3 upload (guest -> host) and download (-R) to a server on
+ * the host reached through the stack's host address; then the stack and the namespace are
+ * removed. Then the 1-byte TCP round trip, with every stack running at once and measured in
+ * alternating rounds (see rrPhase). A cell that fails records "n/a (why)" and the run goes on.
  *
  *   node dist/bench/run.js [--only tender,slirp4netns] [--mtu 1500] [--quick] [--repeat N]
  *                          [--seconds N] [--rr-only] [--rr-count N] [--rr-warmup N] [--write | --no-write]
@@ -19,8 +20,8 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { runIperf, type IperfResult } from './iperf.js';
 import { cleanup, killAllChildren, must, run } from './proc.js';
-import { renderBlock, renderChart, renderTable, renderTargets, replaceBlock, median, formatGbps, formatUs, type BenchResults, type Cell, type Kind } from './report.js';
-import { runRr } from './rr.js';
+import { renderBlock, renderChart, renderTable, renderTargets, replaceBlock, median, formatGbps, formatUs, rrMtu, type BenchResults, type Cell, type Kind } from './report.js';
+import { rrClient, startEcho } from './rr.js';
 import type { RrStats } from './rr-stats.js';
 import { STACKS, STACK_NAMES, repoRoot, type StackName } from './stacks.js';
 
@@ -29,13 +30,16 @@ const ALL_MTUS = [1500, 65520];
  * TCP_RR: round trips measured, and round trips before them that are not. The warm-up is
  * long because a JavaScript stack (tender) runs its first few thousand round trips through
  * V8's interpreter and baseline code, with its optimizing compiler busy on the other core:
- * about 3x the steady-state CPU per round trip for the first ~2000, settling after ~5000 (see
- * docs/NOTES.md, "Issue 3"). A long-running stack spends almost all its life in the steady
+ * about 3x the steady-state CPU per round trip for the first ~2000, settling after ~5000 on an
+ * idle machine and later on a busy one (see docs/NOTES.md, "Issue 3"); each stack is fresh
+ * when its round trips start (rrPhase). A long-running stack spends almost all its life in the steady
  * state, which is what netperf's 10-second TCP_RR measures too; the warm-up median is still
  * recorded with each result.
  */
 const RR_COUNT = 10_000;
-const RR_WARMUP = 5000;
+const RR_WARMUP = 10_000;
+/** The measured round trips are split into this many rounds, alternating the stacks' order. */
+const RR_ROUNDS = 5;
 
 interface Options {
   stacks: StackName[];
@@ -159,7 +163,7 @@ async function measure(o: Options, stack: StackName, mtu: number, record: (k: Ki
   const tag = `[${stack} mtu ${mtu}]`;
   const failAll = (err: unknown) => {
     log(`${tag} setup failed: ${shortError(err)}`);
-    for (const k of ['up', 'down', 'rr'] as Kind[]) record(k, null, shortError(err), null);
+    for (const k of ['up', 'down'] as Kind[]) record(k, null, shortError(err), null);
   };
   try {
     await must('ip', ['netns', 'add', ns]);
@@ -178,7 +182,7 @@ async function measure(o: Options, stack: StackName, mtu: number, record: (k: Ki
     commands(running.commands.map((c) => c.replaceAll(ns, 'NS')));
     const stopStack = cleanup.add(`stop ${stack}`, () => running.stop());
     try {
-      for (const [k, reverse] of o.rrOnly ? [] : ([['up', false], ['down', true]] as const)) {
+      for (const [k, reverse] of [['up', false], ['down', true]] as const) {
         try {
           const r: IperfResult = await runIperf({ ns, target: running.target, bind: running.bind, seconds: o.seconds, omit: o.omit, reverse });
           const g = r.bitsPerSecond / 1e9;
@@ -189,16 +193,6 @@ async function measure(o: Options, stack: StackName, mtu: number, record: (k: Ki
           record(k, null, shortError(err), null);
         }
       }
-      try {
-        const r: RrStats = await runRr({ ns, target: running.target, bind: running.bind, count: o.rrCount, warmup: o.rrWarmup, pid: running.pid });
-        const cpu = r.stackCpuUs !== undefined ? `, stack CPU ${formatUs(r.stackCpuUs)} µs/round trip` : '';
-        const warm = r.warmupMedianUs != null ? `, warm-up median ${formatUs(r.warmupMedianUs)}` : '';
-        log(`${tag} TCP_RR median ${formatUs(r.medianUs)} µs (mean ${formatUs(r.meanUs)}, p99 ${formatUs(r.p99Us)}${cpu}${warm})`);
-        record('rr', r.medianUs, undefined, r);
-      } catch (err) {
-        log(`${tag} TCP_RR failed: ${shortError(err)}`);
-        record('rr', null, shortError(err), null);
-      }
     } finally {
       await stopStack();
     }
@@ -206,6 +200,103 @@ async function measure(o: Options, stack: StackName, mtu: number, record: (k: Ki
     failAll(err);
   } finally {
     await delNs();
+  }
+}
+
+/**
+ * TCP_RR for every stack at once. The machine is shared and its load drifts over seconds, so
+ * stacks measured one after another would be compared at different moments (one stack's cell
+ * could be 30% slower than another's for that alone). Here every stack runs side by side, each
+ * in its own namespace; each is warmed up (`rrWarmup` round trips, their median recorded),
+ * then measured in RR_ROUNDS rounds of rrCount / RR_ROUNDS round trips, the stacks' order
+ * alternating from round to round. A stack's result is the median of its round medians, with
+ * its CPU per measured round trip; only one client runs at a time.
+ */
+async function rrPhase(o: Options, mtu: number, record: (s: StackName, v: number | null, err: string | undefined, detail: unknown) => void, commands: (s: StackName, c: string[]) => void): Promise<void> {
+  interface Live {
+    stack: StackName;
+    ns: string;
+    target: string;
+    port: number;
+    pid?: number;
+    rounds: RrStats[];
+    warmupMedianUs?: number;
+    error?: string;
+  }
+  const live: Live[] = [];
+  const undo: (() => Promise<void>)[] = [];
+  const fail = (l: Live, err: unknown) => {
+    l.error = shortError(err);
+    log(`[${l.stack} mtu ${mtu}] TCP_RR failed: ${l.error}`);
+  };
+  try {
+    const echoes = new Map<string, { port: number; close(): Promise<void> }>();
+    for (const stack of o.stacks) {
+      const ns = `tender-bench-${process.pid}-rr-${stack}`;
+      try {
+        await must('ip', ['netns', 'add', ns]);
+        undo.push(cleanup.add(`delete netns ${ns}`, async () => void (await run('ip', ['netns', 'del', ns], { timeoutMs: 10_000 }))));
+        await must('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
+        const running = await STACKS[stack].start(ns, mtu);
+        undo.push(cleanup.add(`stop ${stack}`, () => running.stop()));
+        commands(stack, running.commands.map((c) => c.replaceAll(ns, 'NS')));
+        let echo = echoes.get(running.bind);
+        if (!echo) {
+          echo = await startEcho(running.bind);
+          echoes.set(running.bind, echo);
+          const e = echo;
+          undo.push(() => e.close());
+        }
+        live.push({ stack, ns, target: running.target, port: echo.port, pid: running.pid, rounds: [] });
+      } catch (err) {
+        log(`[${stack} mtu ${mtu}] setup failed: ${shortError(err)}`);
+        record(stack, null, shortError(err), null);
+      }
+    }
+    for (const l of live) {
+      try {
+        const w = await rrClient({ ns: l.ns, target: l.target, port: l.port, count: Math.max(1, o.rrWarmup), warmup: 0 });
+        l.warmupMedianUs = w.medianUs;
+      } catch (err) {
+        fail(l, err);
+      }
+    }
+    const per = Math.max(1, Math.ceil(o.rrCount / RR_ROUNDS));
+    for (let round = 0; round < RR_ROUNDS; round++) {
+      const order = round % 2 ? [...live].reverse() : live;
+      for (const l of order) {
+        if (l.error) continue;
+        try {
+          l.rounds.push(await rrClient({ ns: l.ns, target: l.target, port: l.port, count: per, warmup: 0, pid: l.pid }));
+        } catch (err) {
+          fail(l, err);
+        }
+      }
+    }
+    for (const l of live) {
+      const tag = `[${l.stack} mtu ${mtu}]`;
+      if (l.error || l.rounds.length === 0) {
+        record(l.stack, null, l.error ?? 'no rounds', null);
+        continue;
+      }
+      const mids = l.rounds.map((r) => r.medianUs);
+      const cpus = l.rounds.map((r) => r.stackCpuUs).filter((x): x is number => x !== undefined);
+      const stats: RrStats = {
+        count: l.rounds.reduce((a, r) => a + r.count, 0),
+        meanUs: l.rounds.reduce((a, r) => a + r.meanUs * r.count, 0) / l.rounds.reduce((a, r) => a + r.count, 0),
+        medianUs: median(mids)!,
+        p99Us: median(l.rounds.map((r) => r.p99Us))!,
+        minUs: Math.min(...l.rounds.map((r) => r.minUs)),
+        ...(cpus.length ? { stackCpuUs: median(cpus)! } : {}),
+        ...(l.warmupMedianUs !== undefined ? { warmupMedianUs: l.warmupMedianUs } : {}),
+        roundMediansUs: mids.map((x) => +x.toFixed(1)),
+      };
+      const cpu = stats.stackCpuUs !== undefined ? `, stack CPU ${formatUs(stats.stackCpuUs)} µs/round trip` : '';
+      log(`${tag} TCP_RR median ${formatUs(stats.medianUs)} µs (rounds ${mids.map((x) => formatUs(x)).join(' ')}; p99 ${formatUs(stats.p99Us)}${cpu}, warm-up median ${formatUs(l.warmupMedianUs ?? NaN)})`);
+      record(l.stack, stats.medianUs, undefined, stats);
+    }
+  } finally {
+    for (const u of undo.reverse()) await u();
   }
 }
 
@@ -294,7 +385,7 @@ async function main(): Promise<void> {
     // Repetitions outermost and stacks innermost, so slow drifts of the machine spread over all stacks.
     for (let rep = 0; rep < o.repeat; rep++) {
       for (const mtu of o.mtus) {
-        for (const s of o.stacks) {
+        for (const s of o.rrOnly ? [] : o.stacks) {
           await measure(
             o, s, mtu,
             (k, v, err, detail) => {
@@ -308,6 +399,19 @@ async function main(): Promise<void> {
             },
           );
         }
+        if (mtu !== rrMtu(results)) continue;
+        await rrPhase(
+          o, mtu,
+          (s, v, err, detail) => {
+            const c = cells.get(`${s}/${mtu}/rr`)!;
+            c.runs.push(v);
+            c.detail!.push(detail);
+            if (v === null && !c.error) c.error = err;
+          },
+          (s, cmds) => {
+            if (!results.commands[s]) results.commands[s] = cmds;
+          },
+        );
       }
     }
   } finally {
