@@ -4,9 +4,10 @@
 # Debian packages the demo needs.
 DEMO_DEBS=(musl-tools qemu-system-x86 xz-utils iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base curl)
 # Debian packages the test suite needs (real peers: the kernel in namespaces, busybox udhcpc,
-# dhclient, dig, dnsmasq, tshark, scapy, iperf3, socat, ncat, slirp4netns, pasta, QEMU).
+# dhclient, dig, dnsmasq, tshark, scapy, iperf3, socat, ncat, slirp4netns, pasta, QEMU; nftables drops
+# packets at random for the lossy TCP tests).
 TEST_DEBS=(usbip musl-tools iproute2 iputils-ping util-linux busybox dnsutils dnsmasq-base isc-dhcp-client tshark tcpdump python3-scapy
-  iperf3 socat ncat slirp4netns passt qemu-system-x86 xz-utils zstd cpio kmod e2fsprogs ca-certificates)
+  iperf3 socat ncat slirp4netns passt qemu-system-x86 xz-utils zstd cpio kmod e2fsprogs ca-certificates nftables)
 
 say() { printf '%s\n' "$*" >&2; }
 
