@@ -8,6 +8,7 @@
         "native/src/tap.cc",
         "native/src/sockets.cc",
         "native/src/frame_io.cc",
+        "native/src/tcp_offload.cc",
         "native/src/fd_stream.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -92,6 +92,11 @@ export interface RawFrameIO {
   pause(): void;
   resume(): void;
   close(): void;
+  offloadEnable(gatewayMac: Uint8Array, vnetHdrLen: number, onExit: (id: number) => void): void;
+  offloadAdopt(id: number, fd: number, params: Uint32Array, guestMac: Uint8Array, sent: Uint8Array): number;
+  offloadRelease(id: number, out: Uint32Array, data: Uint8Array): boolean;
+  offloadHold(on: boolean): void;
+  offloadStats(out: Float64Array): void;
 }
 
 export interface RawFdStream {
@@ -129,6 +134,11 @@ export interface NativeBinding {
   vsockAddress(fd: number, peer: boolean): { cid: number; port: number };
   FrameIO: new (o: RawFrameIOOptions) => RawFrameIO;
   FRAME_TRUNCATED: number;
+  FRAME_OFFLOADED: number;
+  /** Exit reasons of the TCP offload, in the order of offloadStats' counters. */
+  OFFLOAD_EXITS: string[];
+  OFFLOAD_PARAMS: number;
+  OFFLOAD_STATE: number;
   FdStream: new (o: { fd: number; readSize: number; onRead(chunk: Buffer | null, err: NativeError | null): void }) => RawFdStream;
   FdWatcher: new (fd: number, cb: (events: number) => void) => RawFdWatcher;
 }
@@ -346,6 +356,42 @@ export class FrameIO {
   close(): void {
     this.raw.close();
   }
+
+  /** lengths[i] value for a datagram the TCP offload handled (socket mode): skip it. */
+  static get OFFLOADED(): number {
+    return binding().FRAME_OFFLOADED;
+  }
+
+  /**
+   * The TCP offload (native/src/tcp_offload.h, driven by netstack/tcp/offload.ts): frames to
+   * `gatewayMac` of adopted connections are handled natively. `vnetHdrLen`: 10 on a TAP with
+   * IFF_VNET_HDR, else 0. `onExit(id)`: a connection left the offload by itself; release it.
+   */
+  offloadEnable(gatewayMac: Uint8Array, vnetHdrLen: number, onExit: (id: number) => void): void {
+    this.raw.offloadEnable(gatewayMac, vnetHdrLen, onExit);
+  }
+
+  /** 0, or an errno (EEXIST, EINVAL, EMFILE ...). */
+  offloadAdopt(id: number, fd: number, params: Uint32Array, guestMac: Uint8Array, sent: Uint8Array): number {
+    return this.raw.offloadAdopt(id, fd, params, guestMac, sent);
+  }
+
+  offloadRelease(id: number, out: Uint32Array, data: Uint8Array): boolean {
+    return this.raw.offloadRelease(id, out, data);
+  }
+
+  offloadHold(on: boolean): void {
+    this.raw.offloadHold(on);
+  }
+
+  offloadStats(out: Float64Array): void {
+    this.raw.offloadStats(out);
+  }
+}
+
+/** The TCP offload's exit reasons, in offloadStats' order (after its 7 totals). */
+export function offloadExitNames(): string[] {
+  return binding().OFFLOAD_EXITS;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import { Forwards } from './services/forwards.js';
 import { serveDnsTcp } from './services/dns-tcp.js';
 import { TcpNat } from './services/tcp-nat.js';
 import { TcpStack } from './tcp/stack.js';
+import { type OffloadPort, TcpOffloader } from './tcp/offload.js';
+import { FdFrameLink } from './link/fd-link.js';
 import type { TcpConnection } from './tcp/connection.js';
 import { IpProto } from './wire/ipv4.js';
 import { type Clock, SystemClock } from './time.js';
@@ -40,6 +42,11 @@ export interface NetworkOptions {
   log?: NetLogger;
   /** Host resolution for the DNS fallback (injectable for tests). */
   hostLookup?: (name: string, family: 4 | 6) => Promise<string[]>;
+  /**
+   * The TCP offload for links over the native FrameIO (tcp/offload.ts). Default on; the
+   * environment variable TENDER_TCP_OFFLOAD=0 turns it off (for A/B measurements).
+   */
+  tcpOffload?: boolean;
 }
 
 export interface LeaseEvent {
@@ -62,6 +69,9 @@ export class Network extends EventEmitter<{ lease: [LeaseEvent] }> {
   readonly forwards: Forwards;
   readonly tcp: TcpStack;
   readonly tcpNat: TcpNat;
+  /** Null when the offload is off. */
+  readonly offloader: TcpOffloader | null;
+  private readonly offloadPorts = new WeakMap<Link, OffloadPort>();
   /** TCP services on the gateway's own address (DNS; USB/IP for machines): port → handler. */
   private readonly localTcp = new Map<number, (conn: TcpConnection) => void>();
   private readonly log: NetLogger;
@@ -159,6 +169,21 @@ export class Network extends EventEmitter<{ lease: [LeaseEvent] }> {
     // TCP: the engine on the gateway, the NAT for guest connections, DNS over TCP on :53.
     this.tcp = new TcpStack({ clock, counters, ip: this.gateway });
     const tcp = this.tcp;
+    const offloadOn = opts.tcpOffload ?? process.env.TENDER_TCP_OFFLOAD !== '0';
+    this.offloader = offloadOn
+      ? new TcpOffloader({
+          clock,
+          counters,
+          route: (ip) => {
+            const mac = this.gateway.neighbors.lookup(ip);
+            if (mac === null) return null;
+            const link = this.switch.linkFor(mac, true);
+            const port = link === null ? undefined : this.offloadPorts.get(link);
+            return port === undefined ? null : { port, mac };
+          },
+        })
+      : null;
+    tcp.offloader = this.offloader;
     this.gateway.register(IpProto.TCP, {
       input: (ip, _mac, csumOk) => tcp.input(ip.src, ip.dst, ip.payload, csumOk),
       flush: () => tcp.flush(),
@@ -217,6 +242,7 @@ export class Network extends EventEmitter<{ lease: [LeaseEvent] }> {
       leases: this.dhcp.leases().length,
       udpNatFlows: this.udpNat.flowCount,
       tcp: this.tcp.stats(),
+      tcpOffload: this.offloadStats(),
       tcpNatActive: this.tcpNat.active,
       forwards: this.forwards.list().length,
     };
@@ -226,7 +252,30 @@ export class Network extends EventEmitter<{ lease: [LeaseEvent] }> {
   addLink(link: Link): SwitchPort {
     const p = this.switch.addPort(link);
     this.ports.push(p);
+    // Only a link the switch reaches directly: a capture must see every frame.
+    if (this.offloader !== null && link instanceof FdFrameLink) {
+      const off = this.offloader;
+      try {
+        const port = link.enableOffload(this.config.gatewayMac, (id) => off.exited(id));
+        if (port !== null) this.offloadPorts.set(link, port);
+      } catch (err) {
+        // An addon without the offload (an older build): the engine does everything.
+        this.log.warn({ link: link.name, err: String(err) }, 'tcp offload unavailable');
+      }
+    }
     return p;
+  }
+
+  /** The TCP offload's totals over all links (`null` when off). */
+  offloadStats(): Record<string, number> | null {
+    if (this.offloader === null) return null;
+    const sum: Record<string, number> = { held: this.offloader.size };
+    for (const p of this.ports) {
+      const l = p.link;
+      const o = l instanceof FdFrameLink ? l.offloadCounters() : null;
+      if (o) for (const [k, v] of Object.entries(o)) if (k !== 'flows') sum[k] = (sum[k] ?? 0) + v;
+    }
+    return sum;
   }
 
   /** Publish a name in the zone (`<name>.<zone>` → ip). */

@@ -23,6 +23,7 @@
 // onFrames. Connecting also matters for throughput: Linux applies net.unix.max_dgram_qlen
 // (often 10) to a sender only when the receiver is not connected back to it.
 #include "common.h"
+#include "tcp_offload.h"
 
 #include <errno.h>
 #include <string.h>
@@ -32,6 +33,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -48,6 +50,8 @@ namespace tender {
 namespace {
 
 constexpr uint32_t TRUNCATED = 0xffffffffu;
+// A datagram the TCP offload handled (socket mode): JS skips it.
+constexpr uint32_t OFFLOADED = 0xfffffffeu;
 
 class FrameIO : public Napi::ObjectWrap<FrameIO> {
  public:
@@ -61,6 +65,11 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
                            InstanceMethod<&FrameIO::Pause>("pause"),
                            InstanceMethod<&FrameIO::Resume>("resume"),
                            InstanceMethod<&FrameIO::Close>("close"),
+                           InstanceMethod<&FrameIO::OffloadEnable>("offloadEnable"),
+                           InstanceMethod<&FrameIO::OffloadAdopt>("offloadAdopt"),
+                           InstanceMethod<&FrameIO::OffloadRelease>("offloadRelease"),
+                           InstanceMethod<&FrameIO::OffloadHold>("offloadHold"),
+                           InstanceMethod<&FrameIO::OffloadStats>("offloadStats"),
                            InstanceAccessor<&FrameIO::Closed>("closed"),
                            InstanceAccessor<&FrameIO::Peer>("peer"),
                        });
@@ -164,7 +173,8 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
       bool probe = !loneFrames_ || --probeIn_ == 0;
       uint32_t budget = probe ? slots_ : 1;
       bool drained = false;
-      while (n < budget) {
+      uint32_t got = 0, lastLen = 0;  // frames read (some may stay in the offload), last size
+      while (got < budget) {
         ssize_t r = read(fd_, data_ + size_t(n) * slotSize_, slotSize_);
         if (r < 0) {
           if (errno == EINTR) continue;
@@ -176,13 +186,16 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
           err = -1;  // EOF
           break;
         }
+        got++;
+        lastLen = uint32_t(r);
+        if (offload_ && Offered(data_ + size_t(n) * slotSize_, uint32_t(r))) continue;  // slot reused
         lens_[n++] = uint32_t(r);
       }
       if (probe) {
         // One small frame, then nothing: a request/response pattern. More than one: a burst.
-        loneFrames_ = drained && n == 1 && lens_[0] <= LONE_MAX_BYTES;
+        loneFrames_ = drained && got == 1 && lastLen <= LONE_MAX_BYTES;
         probeIn_ = LONE_PROBE_EVERY;
-      } else if (n == 1 && lens_[0] > LONE_MAX_BYTES) {
+      } else if (got == 1 && lastLen > LONE_MAX_BYTES) {
         loneFrames_ = false;  // a full-sized frame: likely a bulk transfer starting
       }
     } else {
@@ -192,8 +205,22 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
       } else {
         n = uint32_t(r);
       }
+      if (n > 0 && learnPeer_ && !peerKnown_) LearnPeer(n);
+      if (closed_) return;
+      // Datagrams stay in their slots: one the offload took is marked, and JS skips it.
+      if (offload_) {
+        uint32_t kept = 0;
+        for (uint32_t i = 0; i < n; i++) {
+          if (lens_[i] != TRUNCATED && Offered(data_ + size_t(i) * slotSize_, lens_[i])) lens_[i] = OFFLOADED;
+          else kept++;
+        }
+        if (kept == 0) n = 0;
+      }
     }
-    if (n > 0 && learnPeer_ && !peerKnown_) LearnPeer(n);
+    if (closed_) return;
+    // Flows that left the offload while reading: the engine takes them back before it sees
+    // the frames that made them leave.
+    if (!exitedIds_.empty()) FlushExits();
     if (closed_) return;
     if (n > 0) {
       CallJs(env, onFrames_, Value(), ctx_,
@@ -409,6 +436,149 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
 #endif
   }
 
+  // ---- TCP offload (tcp_offload.h; netstack/tcp/offload.ts drives it) ----
+
+  // A frame read from the device: true when the offload handled it.
+  bool Offered(const uint8_t* p, uint32_t len) {
+    if (len < vnet_) return false;
+    bool trusted = false, gso = false;
+    if (vnet_) {
+      trusted = (p[0] & 3) != 0;  // VIRTIO_NET_HDR_F_NEEDS_CSUM | F_DATA_VALID
+      gso = (p[1] & 0x7f) != 0;
+    }
+    inBatch_ = true;
+    bool took = offload_->OnFrame(p + vnet_, len - vnet_, trusted, gso);
+    inBatch_ = false;
+    return took;
+  }
+
+  // Also called from the offload's own poll and timer callbacks, outside HandlePoll: it
+  // opens its own handle scope.
+  void FlushExits() {
+    Napi::Env env = Env();
+    Napi::HandleScope scope(env);
+    std::vector<uint32_t> ids;
+    ids.swap(exitedIds_);
+    for (uint32_t id : ids) {
+      CallJs(env, onOffloadExit_, Value(), ctx_, {Napi::Number::New(env, id)});
+      if (closed_) return;
+    }
+  }
+
+  // A frame from the offload towards the guest: written at once (with a zeroed virtio-net
+  // header: checksums are complete). Not while the JS send queue waits for the device
+  // (offloadHold): a segment must not overtake the engine's frames of the same connection.
+  int WriteOffloaded(const uint8_t* frame, size_t len) {
+    if (closed_) return EBADF;
+    if (held_) return EAGAIN;
+    uint8_t hdr[12] = {};
+    iovec iov[2] = {{hdr, vnet_}, {const_cast<uint8_t*>(frame), len}};
+    ssize_t r;
+    if (!socket_) {
+      do r = writev(fd_, vnet_ ? iov : iov + 1, vnet_ ? 2 : 1);
+      while (r < 0 && errno == EINTR);
+    } else {
+      msghdr m;
+      memset(&m, 0, sizeof m);
+      m.msg_iov = iov + 1;
+      m.msg_iovlen = 1;
+      do r = sendmsg(fd_, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+      while (r < 0 && errno == EINTR);
+    }
+    if (r < 0) return errno ? errno : EIO;
+    return 0;
+  }
+
+  // offloadEnable(gatewayMac: Uint8Array(6), vnetHdrLen: number, onExit: (id) => void)
+  Napi::Value OffloadEnable(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsTypedArray() || !info[1].IsNumber() || !info[2].IsFunction())
+      return ThrowType(env, "offloadEnable(gatewayMac, vnetHdrLen, onExit) expected");
+    Napi::Uint8Array mac = info[0].As<Napi::Uint8Array>();
+    uint32_t vnet = info[1].As<Napi::Number>().Uint32Value();
+    if (mac.ElementLength() != 6 || (vnet != 0 && vnet != 10))
+      return ThrowType(env, "offloadEnable: a 6-byte MAC and a header of 0 or 10 bytes expected");
+    if (offload_) return ThrowType(env, "offloadEnable: already enabled");
+    uv_loop_t* loop;
+    napi_get_uv_event_loop(env, &loop);
+    vnet_ = vnet;
+    onOffloadExit_ = Napi::Persistent(info[2].As<Napi::Function>());
+    TcpOffload::Hooks hooks;
+    hooks.writeFrame = [this](const uint8_t* f, size_t l) { return WriteOffloaded(f, l); };
+    hooks.exited = [this](uint32_t id) {
+      // From inside a read batch: reported before that batch's frames reach JS.
+      exitedIds_.push_back(id);
+      if (!inBatch_) FlushExits();
+    };
+    offload_ = std::make_unique<TcpOffload>(loop, mac.Data(), std::move(hooks));
+    return env.Undefined();
+  }
+
+  // offloadAdopt(id, hostFd, params: Uint32Array(P_COUNT), guestMac: Uint8Array(6), sent: Uint8Array) -> 0 | errno
+  Napi::Value OffloadAdopt(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!offload_) return ThrowType(env, "offloadAdopt: call offloadEnable first");
+    if (!info[0].IsNumber() || !info[1].IsNumber() || !info[2].IsTypedArray() || !info[3].IsTypedArray() ||
+        !info[4].IsTypedArray())
+      return ThrowType(env, "offloadAdopt(id, fd, params, guestMac, sent) expected");
+    Napi::Uint32Array p = info[2].As<Napi::Uint32Array>();
+    Napi::Uint8Array mac = info[3].As<Napi::Uint8Array>();
+    Napi::Uint8Array sent = info[4].As<Napi::Uint8Array>();
+    if (p.TypedArrayType() != napi_uint32_array || p.ElementLength() < P_COUNT || mac.ElementLength() != 6 ||
+        sent.TypedArrayType() != napi_uint8_array)
+      return ThrowType(env, "offloadAdopt: Uint32Array params, 6-byte MAC and Uint8Array expected");
+    if (closed_) return Napi::Number::New(env, EBADF);
+    int r = offload_->Adopt(info[0].As<Napi::Number>().Uint32Value(), info[1].As<Napi::Number>().Int32Value(),
+                            p.Data(), mac.Data(), sent.Data(), sent.ElementLength());
+    return Napi::Number::New(env, r);
+  }
+
+  // offloadRelease(id, out: Uint32Array(S_COUNT), data: Uint8Array(>= 128 KiB)) -> boolean
+  Napi::Value OffloadRelease(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!offload_) return Napi::Boolean::New(env, false);
+    if (!info[0].IsNumber() || !info[1].IsTypedArray() || !info[2].IsTypedArray())
+      return ThrowType(env, "offloadRelease(id, out, data) expected");
+    Napi::Uint32Array out = info[1].As<Napi::Uint32Array>();
+    Napi::Uint8Array data = info[2].As<Napi::Uint8Array>();
+    if (out.TypedArrayType() != napi_uint32_array || out.ElementLength() < S_COUNT ||
+        data.TypedArrayType() != napi_uint8_array || data.ElementLength() < 2 * 65536)
+      return ThrowType(env, "offloadRelease: Uint32Array state and a 128 KiB Uint8Array expected");
+    bool ok = offload_->Release(info[0].As<Napi::Number>().Uint32Value(), out.Data(), data.Data(), data.ElementLength());
+    return Napi::Boolean::New(env, ok);
+  }
+
+  // offloadHold(on): while on, the offload writes nothing (the JS send queue waits for POLLOUT).
+  Napi::Value OffloadHold(const Napi::CallbackInfo& info) {
+    held_ = info[0].ToBoolean().Value();
+    return info.Env().Undefined();
+  }
+
+  // offloadStats(out: Float64Array(8 + exits)): flows, rx/tx segments, rx/tx payload bytes,
+  // rx/tx frame bytes, then exits per reason (kOffloadExitNames order).
+  Napi::Value OffloadStats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!info[0].IsTypedArray()) return ThrowType(env, "offloadStats(out) expected");
+    Napi::Float64Array out = info[0].As<Napi::Float64Array>();
+    if (out.TypedArrayType() != napi_float64_array || out.ElementLength() < 7 + X_COUNT)
+      return ThrowType(env, "offloadStats: Float64Array too short");
+    double* o = out.Data();
+    if (!offload_) {
+      for (size_t i = 0; i < 7 + X_COUNT; i++) o[i] = 0;
+      return env.Undefined();
+    }
+    TcpOffload& t = *offload_;
+    o[0] = double(t.flows());
+    o[1] = double(t.rxSegments);
+    o[2] = double(t.txSegments);
+    o[3] = double(t.rxBytes);
+    o[4] = double(t.txBytes);
+    o[5] = double(t.rxFrameBytes);
+    o[6] = double(t.txFrameBytes);
+    for (size_t i = 0; i < X_COUNT; i++) o[7 + i] = double(t.exits[i]);
+    return env.Undefined();
+  }
+
   // onWritable(cb): call cb once when the descriptor is writable again (arms POLLOUT once).
   Napi::Value OnWritable(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
@@ -464,6 +634,7 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
     reading_ = false;
     writableArmed_ = false;
     poller_.Close();
+    offload_.reset();  // every flow's poll handle, timers and duplicate descriptor
     if (fd_ >= 0) close(fd_);
     fd_ = -1;
     if (referenced_) {
@@ -506,6 +677,12 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
   std::vector<mmsghdr> msgs_, sendMsgs_;
   std::vector<iovec> iovs_, sendIovs_;
   std::vector<sockaddr_un> names_;
+  // TCP offload (null until offloadEnable).
+  std::unique_ptr<TcpOffload> offload_;
+  Napi::FunctionReference onOffloadExit_;
+  std::vector<uint32_t> exitedIds_;
+  uint32_t vnet_ = 0;
+  bool inBatch_ = false, held_ = false;
 };
 
 }  // namespace
@@ -513,6 +690,12 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
 void InitFrameIO(Napi::Env env, Napi::Object exports) {
   exports.Set("FrameIO", FrameIO::Define(env));
   exports.Set("FRAME_TRUNCATED", Napi::Number::New(env, TRUNCATED));
+  exports.Set("FRAME_OFFLOADED", Napi::Number::New(env, OFFLOADED));
+  Napi::Array names = Napi::Array::New(env, X_COUNT);
+  for (uint32_t i = 0; i < X_COUNT; i++) names.Set(i, Napi::String::New(env, kOffloadExitNames[i]));
+  exports.Set("OFFLOAD_EXITS", names);
+  exports.Set("OFFLOAD_PARAMS", Napi::Number::New(env, P_COUNT));
+  exports.Set("OFFLOAD_STATE", Napi::Number::New(env, S_COUNT));
 }
 
 }  // namespace tender

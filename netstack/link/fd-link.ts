@@ -38,7 +38,8 @@ import {
   newFrameMeta,
   newLinkStats,
 } from './link.js';
-import { FrameIO, type NativeError, isNativeError } from '../../native/index.js';
+import { FrameIO, type NativeError, isNativeError, offloadExitNames } from '../../native/index.js';
+import type { OffloadPort } from '../tcp/offload.js';
 
 /** An Ethernet header: anything shorter is not a frame. */
 export const MIN_FRAME = 14;
@@ -64,7 +65,12 @@ const VIRTIO_NET_HDR_GSO_ECN = 0x80;
 const FATAL = new Set(['ECONNREFUSED', 'ECONNRESET', 'ENOTCONN', 'EPIPE', 'EBADF', 'EBADFD', 'ENODEV', 'ENXIO', 'EOF']);
 
 export abstract class FdFrameLink implements Link {
-  readonly stats: LinkStats = newLinkStats();
+  private readonly st: LinkStats = newLinkStats();
+  /** Frames the TCP offload moved are counted here too (folded in when read). */
+  get stats(): LinkStats {
+    if (this.offloadOn) this.foldOffloadStats();
+    return this.st;
+  }
   readonly counters: Counters;
   /** Largest frame accepted either way: mtu + Ethernet header + one 802.1Q tag. */
   readonly maxFrame: number;
@@ -77,6 +83,8 @@ export abstract class FdFrameLink implements Link {
   protected closed = false;
   private rx: LinkReceiver | null = null;
   private readonly truncated: number;
+  private readonly offloaded: number;
+  private offloadOn = false;
 
   private readonly arena: Uint8Array;
   private readonly offs: Uint32Array;
@@ -97,6 +105,7 @@ export abstract class FdFrameLink implements Link {
   private readonly onWritable = (): void => {
     this.waitingWritable = false;
     this.flush();
+    if (this.offloadOn && !this.waitingWritable) this.io.offloadHold(false);
   };
 
   protected constructor(
@@ -137,6 +146,7 @@ export abstract class FdFrameLink implements Link {
     // The send queue never changes: register it once (see flush()).
     this.io.setSendQueue(this.arena, this.offs, this.lens);
     this.truncated = FrameIO.TRUNCATED;
+    this.offloaded = FrameIO.OFFLOADED;
     // Nothing is read before a receiver is attached (frames would have nowhere to go).
     this.io.pause();
   }
@@ -160,12 +170,12 @@ export abstract class FdFrameLink implements Link {
   }
 
   private dropRx(reason: string): void {
-    this.stats.rxDrops++;
+    this.st.rxDrops++;
     this.counters.inc(`${this.layer}.drop.${reason}`);
   }
 
   private dropTx(reason: string, n = 1): void {
-    this.stats.txDrops += n;
+    this.st.txDrops += n;
     this.counters.inc(`${this.layer}.drop.${reason}`, n);
   }
 
@@ -174,6 +184,7 @@ export abstract class FdFrameLink implements Link {
     for (let i = 0; i < count && !this.closed; i++) {
       const len = lengths[i];
       const off = i * slotSize;
+      if (len === this.offloaded) continue; // the TCP offload handled this datagram
       if (len === this.truncated || len > this.maxFrame + this.vnet) {
         this.dropRx('oversize');
         continue;
@@ -185,8 +196,8 @@ export abstract class FdFrameLink implements Link {
         }
         const meta = this.readVnetHdr(buf, off);
         if (meta === null) continue;
-        this.stats.rxFrames++;
-        this.stats.rxBytes += len - this.vnet;
+        this.st.rxFrames++;
+        this.st.rxBytes += len - this.vnet;
         rx?.frame(buf.subarray(off + this.vnet, off + len), meta.flags === 0 && meta.gsoType === GSO_NONE ? undefined : meta);
         continue;
       }
@@ -195,8 +206,8 @@ export abstract class FdFrameLink implements Link {
         this.dropRx('short');
         continue;
       }
-      this.stats.rxFrames++;
-      this.stats.rxBytes += len;
+      this.st.rxFrames++;
+      this.st.rxBytes += len;
       rx?.frame(buf.subarray(off, off + len));
     }
     rx?.batchEnd?.();
@@ -283,8 +294,8 @@ export abstract class FdFrameLink implements Link {
   private consume(k: number): void {
     if (k === 0) return;
     for (let i = 0; i < k; i++) {
-      this.stats.txFrames++;
-      this.stats.txBytes += this.lens[i] - this.vnet;
+      this.st.txFrames++;
+      this.st.txBytes += this.lens[i] - this.vnet;
     }
     this.shift(k);
   }
@@ -330,8 +341,54 @@ export abstract class FdFrameLink implements Link {
       this.consume(k);
       if (all) return;
       this.waitingWritable = true;
+      // Offloaded segments must not overtake the frames queued here (tcp/offload.ts).
+      if (this.offloadOn) this.io.offloadHold(true);
       this.io.onWritable(this.onWritable);
     }
+  }
+
+  // ---- TCP offload ----
+
+  private readonly offStats = new Float64Array(7 + 16);
+  private readonly offSeen = new Float64Array(7 + 16);
+
+  /**
+   * Turn on the TCP offload for this link (native/src/tcp_offload.h): segments of connections
+   * the engine adopts (tcp/offload.ts) are handled natively when they come from the guest to
+   * `gatewayMac`. `onExit(id)`: the native side gave connection `id` back.
+   */
+  enableOffload(gatewayMac: Uint8Array, onExit: (id: number) => void): OffloadPort | null {
+    if (this.closed) return null;
+    this.io.offloadEnable(gatewayMac, this.vnet, onExit);
+    this.offloadOn = true;
+    const io = this.io;
+    return {
+      adopt: (id, fd, params, mac, sent) => (this.closed ? -1 : io.offloadAdopt(id, fd, params, mac, sent)),
+      release: (id, out, data) => !this.closed && io.offloadRelease(id, out, data),
+    };
+  }
+
+  /** The offload's totals and exits, for counters: `tcp.offload.*` (name → value). */
+  offloadCounters(): Record<string, number> | null {
+    if (!this.offloadOn || this.closed) return null;
+    this.io.offloadStats(this.offStats);
+    const o = this.offStats;
+    const out: Record<string, number> = { flows: o[0]!, rx_segments: o[1]!, tx_segments: o[2]!, rx_bytes: o[3]!, tx_bytes: o[4]! };
+    offloadExitNames().forEach((n, i) => (out[`exit.${n}`] = o[7 + i]!));
+    return out;
+  }
+
+  private foldOffloadStats(): void {
+    if (this.closed) return;
+    const o = this.offStats;
+    this.io.offloadStats(o);
+    const seen = this.offSeen;
+    // rx: segments and frame bytes from the guest; tx: the same towards it.
+    this.st.rxFrames += o[1]! - seen[1]!;
+    this.st.txFrames += o[2]! - seen[2]!;
+    this.st.rxBytes += o[5]! - seen[5]!;
+    this.st.txBytes += o[6]! - seen[6]!;
+    seen.set(o);
   }
 
   /** Frames queued and not yet written (for tests and stats). */

@@ -136,6 +136,20 @@ export class Switch {
     return out;
   }
 
+  /**
+   * The link behind which `mac` was last seen (null: unknown or aged out). `refresh` renews
+   * the entry, as a frame from that MAC would: the TCP offload (tcp/offload.ts) moves the
+   * guest's frames without the switch seeing them.
+   */
+  linkFor(mac: Uint8Array, refresh = false): Link | null {
+    const e = this.table.get(macKey(mac, 0));
+    if (e === undefined || e.port.removed) return null;
+    const now = this.opts.clock.now();
+    if (now - e.seen > this.ageingMs) return null;
+    if (refresh) e.seen = now;
+    return e.port.link;
+  }
+
   /** @internal */
   ingress(from: PortImpl, frame: Uint8Array, meta?: FrameMeta): void {
     const c = this.opts.counters;

@@ -68,6 +68,21 @@ export function bridge(conn: TcpConnection, sock: net.Socket, counters: Counters
       if (!toGuest(chunk)) sock.pause();
     });
   }
+  if (reader) {
+    // What the TCP offload needs to read and write this socket itself (tcp/offload.ts):
+    // only sockets read through HostReader, whose reads the offload can stand in for.
+    const handle = () => (sock as unknown as { _handle?: { fd?: number; reading?: boolean } | null })._handle;
+    conn.host = {
+      fd: () => handle()?.fd ?? -1,
+      idle: () =>
+        !sock.destroyed && !sock.connecting && !sock.writableEnded && !sock.readableEnded && sock.writableLength === 0 &&
+        handle()?.reading === true,
+      pause: () => sock.pause(),
+      resume: () => {
+        if (!sock.destroyed) sock.resume();
+      },
+    };
+  }
   conn.on('drain', () => sock.resume());
   sock.on('end', () => conn.end());
   sock.on('error', (err: NodeJS.ErrnoException) => {
@@ -75,6 +90,7 @@ export function bridge(conn: TcpConnection, sock: net.Socket, counters: Counters
   });
   sock.on('close', (hadError) => {
     sockClosed = true;
+    conn.host = null;
     // An error on the host side (reset, timeout) resets the guest; a clean close already
     // sent our FIN via 'end' and the engine finishes the close by itself.
     if (hadError) conn.destroy();

@@ -87,4 +87,8 @@ export interface StackContext {
   allowChallengeAck(): boolean;
   /** Autocorking: send this connection's held-back partial segment at the end of the I/O turn. */
   uncorkLater(c: TcpConnection): void;
+  /** The TCP offload (offload.ts): take `c` back before touching it (it is c.offload's). */
+  reclaim(c: TcpConnection): void;
+  /** The engine handled `c`: the offload may adopt it after this burst. */
+  touched(c: TcpConnection): void;
 }

@@ -29,6 +29,7 @@ import { ByteRing } from './ring.js';
 import { RttEstimator } from './rtt.js';
 import { Scoreboard } from './scoreboard.js';
 import { TcpState } from './state.js';
+import type { OffloadHandle, OffloadHost } from './offload.js';
 import { onDelackTimer, onMainTimer, TimerKind } from './timers.js';
 
 export interface TcpConnectionEvents {
@@ -168,6 +169,14 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
   error: TcpError | null = null;
   /** Queued on the stack's flush list. */
   dirty = false;
+  /** Held by the TCP offload (offload.ts): every field above is stale until reclaimed. */
+  offload: OffloadHandle | null = null;
+  /** The host socket this connection is bridged to (tcp-bridge.ts), for the offload. */
+  host: OffloadHost | null = null;
+  /** Engine touches to let pass before the offload considers this connection again. */
+  offloadHold = 0;
+  /** Consecutive offload periods that carried little (offload.ts backs off on them). */
+  offloadStrikes = 0;
 
   constructor(readonly ctx: StackContext, t: TcpTuple, active: boolean, iss: number) {
     super();
@@ -187,8 +196,15 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
     this.wscaleOffer = cfg.windowScaling ? wscaleFor(cfg.rcvBuf) : -1;
     this.rcvRing = new ByteRing(65535);
     this.asm = new Assembler(cfg.maxOooRanges);
-    this.timer = ctx.clock.timer(() => onMainTimer(this));
-    this.delack = ctx.clock.timer(() => onDelackTimer(this));
+    this.timer = ctx.clock.timer(() => {
+      if (this.offload !== null) ctx.reclaim(this);
+      onMainTimer(this);
+      ctx.touched(this);
+    });
+    this.delack = ctx.clock.timer(() => {
+      if (this.offload !== null) ctx.reclaim(this);
+      onDelackTimer(this);
+    });
     this.rtt = new RttEstimator(cfg.minRto);
     this.rcvMss = Math.max(536, ctx.ip.mtuTo(this.remoteIp) - 40);
     this.mss = 536;
@@ -206,6 +222,7 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
    * wait for 'drain'. Data written before the handshake completes is sent once it does.
    */
   write(data: Uint8Array): boolean {
+    if (this.offload !== null) this.ctx.reclaim(this);
     if (this.finQueued || this.state === TcpState.CLOSED || this.state === TcpState.TIME_WAIT ||
         this.state === TcpState.CLOSING || this.state === TcpState.LAST_ACK) {
       this.fail('EPIPE', false);
@@ -220,11 +237,13 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
     }
     const ok = this.sndBuf.length < this.ctx.cfg.sndBuf;
     if (!ok) this.needDrain = true;
+    this.ctx.touched(this);
     return ok;
   }
 
   /** Half-close: FIN after the queued data (RFC 9293 §3.10.4 CLOSE). */
   end(): void {
+    if (this.offload !== null) this.ctx.reclaim(this);
     if (this.finQueued) return;
     switch (this.state) {
       case TcpState.ESTABLISHED:
@@ -248,6 +267,7 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
 
   /** Abort: RST to the peer (if it knows us), then closed. Idempotent. */
   destroy(): void {
+    if (this.offload !== null) this.ctx.reclaim(this);
     if (this.state === TcpState.CLOSED) return;
     if (this.state === TcpState.TIME_WAIT) {
       // Nothing to tell the peer; keep the TIME_WAIT protection, but the app is done.
@@ -261,15 +281,18 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
 
   /** Stop delivering 'data'. Unread data stays in the receive buffer and the window closes as it fills. */
   pause(): void {
+    if (this.offload !== null) this.ctx.reclaim(this);
     this.paused = true;
   }
 
   /** Deliver buffered data and reopen the window (a window update is sent if it had closed). */
   resume(): void {
+    if (this.offload !== null) this.ctx.reclaim(this);
     if (!this.paused) return;
     this.paused = false;
     this.emitPending(true);
     if (this.state !== TcpState.CLOSED) maybeWindowUpdate(this);
+    this.ctx.touched(this);
   }
 
   get isPaused(): boolean {
@@ -277,11 +300,13 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
   }
 
   setNoDelay(noDelay = true): void {
+    if (this.offload !== null) this.ctx.reclaim(this);
     this.nagle = !noDelay;
   }
 
   /** Enable/disable keepalive; `idleMs` overrides the configured idle time. */
   setKeepAlive(enable: boolean, idleMs?: number): void {
+    if (this.offload !== null) this.ctx.reclaim(this);
     this.keepaliveOn = enable;
     if (idleMs !== undefined && idleMs > 0) this.keepaliveIdle = idleMs;
     output(this);
@@ -289,11 +314,13 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
 
   /** Bytes queued for sending (unsent + unacknowledged). */
   get bufferedAmount(): number {
+    if (this.offload !== null) this.ctx.reclaim(this);
     return this.sndBuf.length;
   }
 
   /** Congestion window and RTT, for stats. */
   info(): { state: TcpState; cwnd: number; ssthresh: number; srtt: number; rto: number; sndWnd: number; rcvWnd: number; mss: number } {
+    if (this.offload !== null) this.ctx.reclaim(this);
     return {
       state: this.state,
       cwnd: this.cc.cwnd,
@@ -337,6 +364,7 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
 
   /** To CLOSED: stop timers, leave the stack's table, report `err` if any. */
   closeNow(err: TcpError | null): void {
+    if (this.offload !== null) this.ctx.reclaim(this);
     if (this.state === TcpState.CLOSED) return;
     const wasTimeWait = this.state === TcpState.TIME_WAIT;
     this.state = TcpState.CLOSED;

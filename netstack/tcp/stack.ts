@@ -15,6 +15,7 @@ import { TcpConnection, type TcpTuple } from './connection.js';
 import { TcpError } from './errors.js';
 import { segmentArrives, negotiate } from './input.js';
 import type { Ip4Output } from './ip.js';
+import type { TcpOffloader } from './offload.js';
 import { output, sendSyn, sendSynAck, updateTimer } from './output.js';
 import { seqAdd, seqGt } from './seq.js';
 import { TcpState } from './state.js';
@@ -153,8 +154,17 @@ export class TcpStack {
         stack.corked.push(c);
         if (stack.corked.length === 1) deferFn(() => stack.uncork());
       },
+      reclaim(c) {
+        stack.offloader?.reclaim(c);
+      },
+      touched(c) {
+        stack.offloader?.touched(c);
+      },
     };
   }
+
+  /** The TCP offload of this stack's links, when they have one (network.ts sets it). */
+  offloader: TcpOffloader | null = null;
 
   private corked: TcpConnection[] = [];
 
@@ -216,6 +226,7 @@ export class TcpStack {
       }
     }
     if (c) {
+      if (c.offload !== null) this.offloader?.reclaim(c);
       segmentArrives(c, r, payload);
       c.emitPending(false);
       return;
@@ -341,6 +352,7 @@ export class TcpStack {
         c.emitPending(true);
         output(c);
         c.emitPending(false);
+        if (c.host !== null) this.offloader?.touched(c);
       }
     }
   }
