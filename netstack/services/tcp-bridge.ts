@@ -68,21 +68,31 @@ export function bridge(conn: TcpConnection, sock: net.Socket, counters: Counters
       if (!toGuest(chunk)) sock.pause();
     });
   }
-  if (reader) {
-    // What the TCP offload needs to read and write this socket itself (tcp/offload.ts):
-    // only sockets read through HostReader, whose reads the offload can stand in for.
-    const handle = () => (sock as unknown as { _handle?: { fd?: number; reading?: boolean } | null })._handle;
-    conn.host = {
-      fd: () => handle()?.fd ?? -1,
-      idle: () =>
-        !sock.destroyed && !sock.connecting && !sock.writableEnded && !sock.readableEnded && sock.writableLength === 0 &&
-        handle()?.reading === true,
-      pause: () => sock.pause(),
-      resume: () => {
-        if (!sock.destroyed) sock.resume();
-      },
-    };
-  }
+  // What the TCP offload needs to read and write this socket itself (tcp/offload.ts). Reading
+  // is stopped and restarted on the handle itself (as net's own tryReadStart does), not with
+  // pause()/resume(), which for a socket without `onread` only stop emitting while Node keeps
+  // reading into the stream's buffer, behind the offload's back.
+  const handle = () => (sock as unknown as { _handle?: { fd?: number; reading?: boolean; readStop(): number; readStart(): number } | null })._handle;
+  conn.host = {
+    fd: () => handle()?.fd ?? -1,
+    idle: () =>
+      !sock.destroyed && !sock.connecting && !sock.writableEnded && !sock.readableEnded && sock.writableLength === 0 &&
+      handle()?.reading === true && (reader !== undefined || (sock.readableFlowing === true && sock.readableLength === 0)),
+    pause: () => {
+      const h = handle();
+      if (h && h.reading) {
+        h.reading = false;
+        h.readStop();
+      }
+    },
+    resume: () => {
+      const h = handle();
+      if (h && !h.reading && !sock.destroyed) {
+        h.reading = true;
+        h.readStart();
+      }
+    },
+  };
   conn.on('drain', () => sock.resume());
   sock.on('end', () => conn.end());
   sock.on('error', (err: NodeJS.ErrnoException) => {

@@ -6,6 +6,7 @@
  * that stops reading, a host that pushes unsolicited messages — must leave the byte streams
  * intact. Loss is covered by tcp-lossy.test.ts (which runs with the offload on).
  */
+import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -14,6 +15,7 @@ import { createLogger } from '../../src/log.js';
 import { addNetns, delNetns, isRoot, nsExec, nsName } from '../helpers/netns.js';
 
 const HOST = '192.168.127.254';
+const GUEST_PORT = 7007;
 
 async function listen(onConn: (s: net.Socket) => void): Promise<{ port: number; server: net.Server }> {
   const server = net.createServer({ allowHalfOpen: true }, (s) => {
@@ -37,7 +39,11 @@ describe.skipIf(!isRoot)('TCP offload, end to end', () => {
 
   beforeAll(async () => {
     await addNetns(ns);
-    served = await serveNetns(ns, { ifname: 'eth0', mtu: '1500', dnsUpstream: [], hostLoopback: true, configure: true }, createLogger('warn'));
+    served = await serveNetns(
+      ns,
+      { ifname: 'eth0', mtu: '1500', dnsUpstream: [], hostLoopback: true, configure: true, forward: [`0:${GUEST_PORT}`] },
+      createLogger('warn'),
+    );
   });
 
   afterAll(async () => {
@@ -64,6 +70,36 @@ describe.skipIf(!isRoot)('TCP offload, end to end', () => {
     // The link's counters include what the offload moved.
     const links = stats.links as { rxFrames: number }[];
     expect(links[0]!.rxFrames - link0[0]!.rxFrames).toBeGreaterThan(3000);
+  }, 90_000);
+
+  it('carries round trips through a port forward natively too (host client, guest server)', async () => {
+    const fwd = served.forwards.find((f) => f.protocol === 'tcp')!;
+    const srv = spawn('ip', ['netns', 'exec', ns, process.execPath, '-e',
+      `require('net').createServer((s)=>{s.setNoDelay(true);s.pipe(s)}).listen(${GUEST_PORT},()=>console.log('listening'))`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    const rx0 = counter('tcp.offload.rx_segments');
+    try {
+      await new Promise<void>((resolve, reject) => {
+        srv.stdout!.on('data', (d: Buffer) => d.toString().includes('listening') && resolve());
+        srv.once('exit', () => reject(new Error('guest server exited')));
+      });
+      const s = net.connect({ port: fwd.hostPort, host: '127.0.0.1', noDelay: true });
+      const ok = await new Promise<string>((resolve, reject) => {
+        let i = 0;
+        s.on('connect', () => s.write(Buffer.from([0])));
+        s.on('data', (d) => {
+          for (const b of d) if (b !== (i++ & 255)) return reject(new Error(`bad byte at ${i - 1}`));
+          if (i === 2000) resolve('ok');
+          else s.write(Buffer.from([i & 255]));
+        });
+        s.on('error', reject);
+      });
+      expect(ok).toBe('ok');
+      s.end();
+      await new Promise((r) => s.once('close', r));
+    } finally {
+      srv.kill();
+    }
+    expect(counter('tcp.offload.rx_segments') - rx0).toBeGreaterThan(1500);
   }, 90_000);
 
   it('keeps the byte stream intact across the small-segment limit (511/512/513 bytes and bulk)', async () => {
