@@ -554,7 +554,7 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
     return info.Env().Undefined();
   }
 
-  // offloadStats(out: Float64Array(8 + exits)): flows, rx/tx segments, rx/tx payload bytes,
+  // offloadStats(out: Float64Array(7 + exits)): flows, rx/tx segments, rx/tx payload bytes,
   // rx/tx frame bytes, then exits per reason (kOffloadExitNames order).
   Napi::Value OffloadStats(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();

@@ -254,11 +254,10 @@ bool TcpOffload::OnFrame(const uint8_t* fr, size_t len, bool csumTrusted, bool g
   uint32_t hl = uint32_t(tcp[12] >> 4) * 4;
   uint32_t tcpLen = totLen - IP;
   if (hl < 20 || hl > tcpLen) return false;  // malformed: the engine counts and drops it
-  if (!csumTrusted) {
-    // A corrupted frame is the engine's to count and drop; it does not end the offload.
-    if (Fold(SumBytes(ip, IP, 0)) != 0) return false;
-    if (Fold(SumBytes(tcp, tcpLen, PseudoSum(src, dst, tcpLen))) != 0) return false;
-  }
+  // A corrupted frame is the engine's to count and drop; it does not end the offload. The
+  // device's NEEDS_CSUM/DATA_VALID flags vouch for the TCP checksum only, never the IP header.
+  if (Fold(SumBytes(ip, IP, 0)) != 0) return false;
+  if (!csumTrusted && Fold(SumBytes(tcp, tcpLen, PseudoSum(src, dst, tcpLen))) != 0) return false;
   if (gso) {
     Exit(f, X_BULK, true);
     return false;
@@ -305,7 +304,11 @@ bool TcpOffload::OnFrame(const uint8_t* fr, size_t len, bool csumTrusted, bool g
     f->sent.erase(f->sent.begin(), f->sent.begin() + acked);
     f->sndUna = ack;
     f->bytesOut += uint32_t(acked);
-    if (f->tsOk && tsecr != 0) f->rttMs = TsNow(f) - tsecr;
+    if (f->tsOk && tsecr != 0) {
+      // A tsecr ahead of our clock (a guest echoing what we never sent) is no sample.
+      int32_t rtt = SeqDiff(TsNow(f), tsecr);
+      if (rtt >= 0) f->rttMs = uint32_t(rtt);
+    }
   }
   // RFC 9293 §3.10.7.4: SND.WL1/WL2 keep old segments from updating the window.
   if (SeqDiff(f->sndWl1, seq) < 0 || (f->sndWl1 == seq && SeqDiff(f->sndWl2, ack) <= 0)) {
