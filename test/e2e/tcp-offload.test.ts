@@ -179,7 +179,9 @@ describe.skipIf(!isRoot)('TCP offload, end to end', () => {
 
   it('backs off to the engine when the host socket stops reading, and loses nothing', async () => {
     // The host reads nothing for a while: the guest's small pipelined writes fill the host
-    // socket; the offload hands the connection back (host_full) and the engine's window closes.
+    // socket; whoever holds the connection then (the offload hands it back with host_full, a
+    // path test/native/tcp-offload.test.ts pins down; or the engine, if the guest's writes were
+    // coalesced into segments above the small-segment limit) must close the window, lose nothing.
     let done!: (h: string) => void;
     const hostHash = new Promise<string>((r) => (done = r));
     const total = 8_000_000;
@@ -199,7 +201,6 @@ describe.skipIf(!isRoot)('TCP offload, end to end', () => {
         s.resume();
       }, 1500);
     });
-    const full0 = counter('tcp.offload.exit.host_full');
     try {
       // 100-byte writes from a fixed pattern; the guest waits for 'done' before exiting.
       const js = guestJs(`const s=net.connect(${port},'${HOST}');s.setNoDelay(true);const h=crypto.createHash('sha256');let i=0;
@@ -211,6 +212,5 @@ describe.skipIf(!isRoot)('TCP offload, end to end', () => {
     } finally {
       server.close();
     }
-    expect(counter('tcp.offload.exit.host_full') - full0).toBeGreaterThan(0);
   }, 120_000);
 });
