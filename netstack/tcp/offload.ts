@@ -45,8 +45,8 @@ export interface OffloadHost {
   resume(): void;
 }
 
-/** Layout of adopt's params (native/src/tcp_offload.h, OffloadParam). */
-const P = {
+/** Layout of adopt's params (native/src/tcp_offload.h, OffloadParam; a test checks the count). */
+export const OFFLOAD_PARAM = {
   GUEST_IP: 0, REMOTE_IP: 1, GUEST_PORT: 2, REMOTE_PORT: 3,
   RCV_NXT: 4, SND_UNA: 5, SND_NXT: 6, SND_WND: 7, SND_WL1: 8, SND_WL2: 9,
   SND_WSCALE: 10, RCV_WSCALE: 11, RCV_WND_FIELD: 12,
@@ -56,7 +56,7 @@ const P = {
 } as const;
 
 /** Layout of release's state (OffloadState). */
-const S = {
+export const OFFLOAD_STATE = {
   RCV_NXT: 0, SND_UNA: 1, SND_NXT: 2, SND_WND: 3, SND_WL1: 4, SND_WL2: 5,
   TS_RECENT: 6, LAST_ACK_SENT: 7, ACK_OWED: 8,
   BYTES_IN: 9, BYTES_OUT: 10, SEGS_IN: 11, SEGS_OUT: 12,
@@ -303,4 +303,6 @@ export class TcpOffloader {
   }
 }
 
+const P = OFFLOAD_PARAM;
+const S = OFFLOAD_STATE;
 const RESOLVED = Promise.resolve();

@@ -27,24 +27,12 @@ import { IPV4_HLEN, IpProto } from '../../netstack/wire/ipv4.js';
 import { emitTcp, newTcpRepr, parseTcp, readU32, type TcpRepr, tcpChecksumOk, tcpHeaderLen, TcpFlag, writeU32 } from '../../netstack/wire/tcp.js';
 import { binding, FrameIO, offloadExitNames, sendSome, socketpair } from '../../native/index.js';
 import { GUEST_MAC, GW_MAC, fixIpv4Checksum, ipv4Frame } from '../helpers/frames.js';
+import { EXIT_REASONS, OFFLOAD_PARAM, OFFLOAD_STATE } from '../../netstack/tcp/offload.js';
 
-// ---- layouts (native/src/tcp_offload.h; netstack/tcp/offload.ts mirrors them too) ----
+// ---- layouts (native/src/tcp_offload.h, mirrored by netstack/tcp/offload.ts) ----
 
-const P = {
-  GUEST_IP: 0, REMOTE_IP: 1, GUEST_PORT: 2, REMOTE_PORT: 3,
-  RCV_NXT: 4, SND_UNA: 5, SND_NXT: 6, SND_WND: 7, SND_WL1: 8, SND_WL2: 9,
-  SND_WSCALE: 10, RCV_WSCALE: 11, RCV_WND_FIELD: 12,
-  TS_OK: 13, TS_RECENT: 14, TS_NOW: 15, LAST_ACK_SENT: 16,
-  MSS: 17, CWND: 18, RTO_MS: 19, DELACK_MS: 20, ACK_OWED: 21, TTL: 22, SMALL_MAX: 23, MAX_AGE_MS: 24,
-  COUNT: 25,
-} as const;
-const S = {
-  RCV_NXT: 0, SND_UNA: 1, SND_NXT: 2, SND_WND: 3, SND_WL1: 4, SND_WL2: 5,
-  TS_RECENT: 6, LAST_ACK_SENT: 7, ACK_OWED: 8,
-  BYTES_IN: 9, BYTES_OUT: 10, SEGS_IN: 11, SEGS_OUT: 12,
-  RTT_MS: 13, RX_AGE_MS: 14, REASON: 15, SENT_LEN: 16, UNSENT_LEN: 17,
-  COUNT: 18,
-} as const;
+const P = OFFLOAD_PARAM;
+const S = OFFLOAD_STATE;
 type ParamName = Exclude<keyof typeof P, 'COUNT'>;
 
 const EXITS = offloadExitNames();
@@ -402,6 +390,7 @@ describe('TCP offload over a datagram socket, real bytes', () => {
     expect(binding().OFFLOAD_PARAMS).toBe(P.COUNT);
     expect(binding().OFFLOAD_STATE).toBe(S.COUNT);
     expect(EXITS).toEqual(['released', 'segment', 'host_eof', 'host_error', 'host_full', 'window', 'bulk', 'rto', 'device_full', 'max_age']);
+    expect([...EXIT_REASONS]).toEqual(EXITS);
   });
 
   it('guest data goes to the host socket; host bytes come back as one checked segment carrying the ACK (TS on)', async () => {
