@@ -88,6 +88,8 @@ struct TcpOffload::Flow {
   static uv_timer_t* NewTimer(uv_loop_t* loop, Flow* f) {
     auto* t = new uv_timer_t;
     uv_timer_init(loop, t);
+    // The FrameIO that owns the offload keeps the loop alive; a 60 s max-age timer must not.
+    uv_unref(reinterpret_cast<uv_handle_t*>(t));
     t->data = f;
     return t;
   }
