@@ -35,13 +35,14 @@ export interface CliResult {
 
 /** `tender ARGS...` with this environment; killed after `timeout` ms (code -1 then). */
 export function tenderCli(env: NodeJS.ProcessEnv) {
-  const tender = (args: string[], timeout = 180_000) =>
+  const tender = (args: string[], timeout = 180_000, stdin?: Uint8Array) =>
     new Promise<CliResult>((resolve) => {
-      const p = spawn(process.execPath, [CLI, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+      const p = spawn(process.execPath, [CLI, ...args], { env, stdio: [stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
+      if (stdin) p.stdin!.end(stdin);
       let stdout = '';
       let stderr = '';
-      p.stdout.on('data', (d) => (stdout += d));
-      p.stderr.on('data', (d) => (stderr += d));
+      p.stdout!.on('data', (d) => (stdout += d));
+      p.stderr!.on('data', (d) => (stderr += d));
       const t = setTimeout(() => p.kill(), timeout);
       p.on('close', (code) => {
         clearTimeout(t);
@@ -49,8 +50,8 @@ export function tenderCli(env: NodeJS.ProcessEnv) {
       });
     });
   /** stdout of a command that must succeed; otherwise an error with its exit code and stderr. */
-  const ok = async (args: string[], timeout?: number) => {
-    const r = await tender(args, timeout);
+  const ok = async (args: string[], timeout?: number, stdin?: Uint8Array) => {
+    const r = await tender(args, timeout, stdin);
     if (r.code !== 0) throw new Error(`tender ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
     return r.stdout;
   };
