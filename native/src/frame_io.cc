@@ -482,7 +482,12 @@ class FrameIO : public Napi::ObjectWrap<FrameIO> {
       memset(&m, 0, sizeof m);
       m.msg_iov = iov + 1;
       m.msg_iovlen = 1;
-      do r = sendmsg(fd_, &m, MSG_DONTWAIT | MSG_NOSIGNAL);
+#ifdef MSG_NOSIGNAL
+      const int flags = MSG_DONTWAIT | MSG_NOSIGNAL;
+#else
+      const int flags = MSG_DONTWAIT;  // macOS: no MSG_NOSIGNAL (Node ignores SIGPIPE)
+#endif
+      do r = sendmsg(fd_, &m, flags);
       while (r < 0 && errno == EINTR);
     }
     if (r < 0) return errno ? errno : EIO;

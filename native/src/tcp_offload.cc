@@ -10,6 +10,11 @@
 
 #include <algorithm>
 
+#ifndef MSG_NOSIGNAL
+// macOS has no MSG_NOSIGNAL (SIGPIPE is ignored by Node's process anyway).
+#define MSG_NOSIGNAL 0
+#endif
+
 namespace tender {
 
 const char* const kOffloadExitNames[X_COUNT] = {
