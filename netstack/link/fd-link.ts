@@ -359,14 +359,20 @@ export abstract class FdFrameLink implements Link {
    */
   enableOffload(gatewayMac: Uint8Array, onExit: (id: number) => void): OffloadPort | null {
     if (this.closed) return null;
+    // Once per link: a link moved off the network and back (`tender net bridge`) keeps the
+    // offload it had (the daemon has one network, so the same gateway and exit handler).
+    if (this.offloadPort !== null) return this.offloadPort;
     this.io.offloadEnable(gatewayMac, this.vnet, onExit);
     this.offloadOn = true;
     const io = this.io;
-    return {
+    this.offloadPort = {
       adopt: (id, fd, params, mac, sent) => (this.closed ? -1 : io.offloadAdopt(id, fd, params, mac, sent)),
       release: (id, out, data) => !this.closed && io.offloadRelease(id, out, data),
     };
+    return this.offloadPort;
   }
+
+  private offloadPort: OffloadPort | null = null;
 
   /** The offload's totals and exits, for counters: `tcp.offload.*` (name → value). */
   offloadCounters(): Record<string, number> | null {
