@@ -101,6 +101,7 @@ export function bridge(conn: TcpConnection, sock: net.Socket, counters: Counters
   sock.on('close', (hadError) => {
     sockClosed = true;
     conn.host = null;
+    conn.directSink = null;
     // An error on the host side (reset, timeout) resets the guest; a clean close already
     // sent our FIN via 'end' and the engine finishes the close by itself.
     if (hadError) conn.destroy();
@@ -108,7 +109,14 @@ export function bridge(conn: TcpConnection, sock: net.Socket, counters: Counters
     done();
   });
 
-  // guest → host
+  // guest → host: as segments arrive while Node has nothing queued (no copy through the
+  // engine's receive ring), else through 'data' and socket.write() in order.
+  conn.directSink = (data) => {
+    const rest = writeDirect(sock, data);
+    const took = rest === null ? data.length : data.length - rest.length;
+    stats.toHost += took;
+    return took;
+  };
   conn.on('data', (data: Uint8Array) => {
     stats.toHost += data.length;
     const rest = writeDirect(sock, data);

@@ -173,6 +173,12 @@ export class TcpConnection extends EventEmitter<TcpConnectionEvents> {
   offload: OffloadHandle | null = null;
   /** The host socket this connection is bridged to (tcp-bridge.ts), for the offload. */
   host: OffloadHost | null = null;
+  /**
+   * Optional: in-order data goes here first, as it arrives, when nothing is queued before it
+   * (input.ts); returns how many bytes it took, the rest is buffered and delivered as 'data'.
+   * The bridge sets it to write to the host socket while Node has nothing queued for it.
+   */
+  directSink: ((data: Uint8Array) => number) | null = null;
   /** Engine touches to let pass before the offload considers this connection again. */
   offloadHold = 0;
   /** Consecutive offload periods that carried little (offload.ts backs off on them). */

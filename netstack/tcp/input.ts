@@ -403,6 +403,23 @@ function receiveData(c: TcpConnection, seq: number, payload: Uint8Array): void {
   }
   const ring = c.rcvRing;
   const base = ring.length;
+  if (start === 0 && base === 0 && c.asm.isEmpty && c.directSink !== null && !c.paused) {
+    // In order with nothing queued before it: straight to the application's sink (the host
+    // socket of a bridged connection), skipping the copy into the ring, the copy out of it and
+    // the buffer allocated for 'data' (per 64 KiB super-segment on an upload). What the sink
+    // does not take goes into the ring as usual, behind it.
+    const took = c.directSink(data);
+    if (took > 0) {
+      c.rcvNxt = seqAdd(c.rcvNxt, took);
+      c.bytesIn += took;
+      c.ackBytes += took;
+      data = data.subarray(took);
+      if (data.length === 0) {
+        ackPolicy(c);
+        return;
+      }
+    }
+  }
   if (!ring.ensure(base + start + data.length)) {
     c.ctx.counters.inc('tcp.drop.rcvbuf_full');
     c.ackNow = true;
@@ -434,13 +451,19 @@ function receiveData(c: TcpConnection, seq: number, payload: Uint8Array): void {
     c.rcvNxt = seqAdd(c.rcvNxt, advanced);
     c.bytesIn += advanced;
     c.ackBytes += advanced;
-    // Delayed ACK (RFC 9293 §3.8.6.3; Linux): every second full segment or in quickack
-    // mode (connection start); otherwise within delayedAckMs. (PSH does not force an ACK,
-    // as in Linux: a reply usually follows and carries it.)
-    const fullSeg = c.rcvMss - (c.tsOk ? 12 : 0);
-    if (c.ackBytes >= 2 * fullSeg || c.quickAcks > 0) c.ackNow = true;
-    else if (!c.ackNow) c.delack.armIfIdle(c.ctx.cfg.delayedAckMs);
+    ackPolicy(c);
   }
+}
+
+/**
+ * Delayed ACK (RFC 9293 §3.8.6.3; Linux): every second full segment or in quickack mode
+ * (connection start); otherwise within delayedAckMs. (PSH does not force an ACK, as in
+ * Linux: a reply usually follows and carries it.)
+ */
+function ackPolicy(c: TcpConnection): void {
+  const fullSeg = c.rcvMss - (c.tsOk ? 12 : 0);
+  if (c.ackBytes >= 2 * fullSeg || c.quickAcks > 0) c.ackNow = true;
+  else if (!c.ackNow) c.delack.armIfIdle(c.ctx.cfg.delayedAckMs);
 }
 
 /** The peer's FIN reached rcv.nxt (RFC 9293 §3.10.7.4 eighth). */
