@@ -129,9 +129,21 @@ export class TcpOffloader {
 
   private readonly run = (): void => {
     this.scheduled = false;
-    for (const c of this.candidates) this.tryAdopt(c);
+    const list = [...this.candidates];
     this.candidates.clear();
+    for (const c of list) {
+      try {
+        this.tryAdopt(c);
+      } catch (err) {
+        // A bug must not take the network down (this runs in a microtask: an exception would
+        // be an unhandled rejection); the connection simply stays with the engine.
+        this.o.counters.inc('tcp.offload.internal_error');
+        this.lastError = err;
+      }
+    }
   };
+
+  lastError: unknown = null;
 
   /** Why `c` cannot be adopted now, or null. */
   private refusal(c: TcpConnection): string | null {
@@ -230,7 +242,14 @@ export class TcpOffloader {
   exited(id: number): void {
     const c = this.byId.get(id);
     if (c === undefined) return;
-    this.reclaim(c);
+    try {
+      this.reclaim(c);
+    } catch (err) {
+      // Called from the native side's I/O callbacks: an exception would be fatal there.
+      this.o.counters.inc('tcp.offload.internal_error');
+      this.lastError = err;
+      return;
+    }
     // Nothing else may arrive to make the engine act (a timeout, data read from the host):
     // let it run now. Adoption is considered again after this I/O turn, once the engine has
     // also handled the segment that caused the exit (if one did: it follows this call).
