@@ -1,7 +1,7 @@
 /**
  * The compiled `tender` CLI, for benchmarks that drive a daemon and machines as a user does.
  */
-import { spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { repoRoot } from './stacks.js';
 
@@ -23,4 +23,12 @@ export function tender(env: NodeJS.ProcessEnv, args: string[], o: { timeoutMs?: 
       else reject(new Error(`tender ${args.join(' ')}: exit ${code}: ${err.trim()}`));
     });
   });
+}
+
+/** Stop a `tender daemon` child with SIGTERM and wait until it has exited. */
+export async function stopDaemon(daemon: ChildProcess | undefined | null): Promise<void> {
+  if (!daemon) return;
+  const closed = new Promise((r) => daemon.on('close', r));
+  daemon.kill('SIGTERM');
+  await closed;
 }

@@ -49,7 +49,7 @@ import { findVhostVsock } from '../src/vmm/vhost-vsock.js';
 import { cpuNs } from './proc.js';
 import { repoRoot } from './stacks.js';
 import { fmt, loopbackBench, markdownTable, type LoopbackResult } from './usb.js';
-import { CLI, tender } from './cli.js';
+import { CLI, stopDaemon, tender } from './cli.js';
 
 const { values: opt } = parseArgs({
   options: {
@@ -442,12 +442,7 @@ async function main(): Promise<void> {
     for (const t of TRANSPORTS) ts.push(await measureTransport(env, home, daemon.pid!, t, dioread));
   } finally {
     process.off('SIGINT', stop);
-    if (daemon) {
-      const d = daemon;
-      const closed = new Promise((r) => d.on('close', r));
-      d.kill('SIGTERM');
-      await closed;
-    }
+    await stopDaemon(daemon);
     rmSync(home, { recursive: true, force: true });
   }
   const text = render(lo, ts, { date, cpu });

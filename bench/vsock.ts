@@ -30,7 +30,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { buildDefaultImage } from '../src/image/default-image.js';
 import { repoRoot } from './stacks.js';
-import { CLI, tender } from './cli.js';
+import { CLI, stopDaemon, tender } from './cli.js';
 
 const HOST_ALIAS = '192.168.127.254';
 const PORTS = { up: 5201, down: 5202, rr: 5203 } as const;
@@ -179,12 +179,7 @@ async function main(): Promise<void> {
   } finally {
     for (const s of servers) s.close();
     await tender(env, ['machine', 'rm', '--force', 'bench']).catch(() => {});
-    if (daemon) {
-      const d = daemon;
-      const closed = new Promise((r) => d.on('close', r));
-      d.kill('SIGTERM');
-      await closed;
-    }
+    await stopDaemon(daemon);
     rmSync(home, { recursive: true, force: true });
   }
 }
